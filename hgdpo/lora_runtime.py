@@ -1,0 +1,277 @@
+"""Applying a LoRA file at inference: read, check the architecture, add it functionally.
+
+:func:`read_lora` reads kohya SD1.x LoRAs (what ``trainer/train.py`` writes, what Civitai shares)
+and the peft/diffusers layouts into one form keyed by kohya module names. :class:`FunctionalLoRA`
+adds ``scale * (alpha / rank) * up(down(x))`` to a module's output through a forward hook instead of
+merging it into the weights, so
+
+* the base weights are never modified (no re-patching, no second copy of the UNet), and
+* the scale can be a per-sample vector: one batched forward evaluates the SFT model (scale 0) and the
+  DPO model (scale w) together, which is the shared-weights fast path of LAN sampling.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te_"
+_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+_PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
+                  ".lora.up.weight": "up", ".alpha": "alpha"}
+_PEFT_PREFIXES = {"unet.": UNET_PREFIX, "text_encoder.": TEXT_ENCODER_PREFIX}
+_UNSUPPORTED_MARKERS = {
+    "hada_w1_a": "LyCORIS LoHa", "lokr_w1": "LyCORIS LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon with CP decomposition",
+    "oft_blocks": "OFT", "diff_b": "full weight difference",
+}
+_FOREIGN_PREFIXES = {"lora_te1_": "SDXL", "lora_te2_": "SDXL", "lora_te3_": "SD3", "lora_transformer_": "a DiT model (SD3/Flux)",
+                     "transformer.": "a DiT model (SD3/Flux)", "diffusion_model.double_blocks": "Flux"}
+SD1_CROSS_ATTENTION_WIDTH = 768
+_CROSS_ATTENTION_FAMILIES = {1024: "SD2.x", 2048: "SDXL", 1280: "SDXL (refiner)"}
+
+
+class LoRAArchitectureError(ValueError):
+    """The LoRA file was made for another model architecture, or its layout is not supported."""
+
+
+@dataclass
+class LoRAModule:
+    """One adapted layer: ``delta W = (alpha / rank) * up @ down``."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def multiplier(self) -> float:
+        """``alpha / rank`` (kohya: a file without alpha means alpha = rank)."""
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+
+@dataclass
+class LoRAFile:
+    """A LoRA keyed by kohya module name (``lora_unet_down_blocks_0_..._to_q``, ``lora_te_...``)."""
+
+    modules: dict[str, LoRAModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str = ""
+
+    def part(self, prefix: str) -> dict[str, LoRAModule]:
+        """The modules of one model part, keyed without the prefix."""
+        return {name[len(prefix):]: module for name, module in self.modules.items() if name.startswith(prefix)}
+
+    @property
+    def unet(self) -> dict[str, LoRAModule]:
+        return self.part(UNET_PREFIX)
+
+    @property
+    def text_encoder(self) -> dict[str, LoRAModule]:
+        return self.part(TEXT_ENCODER_PREFIX)
+
+
+def _architecture_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """The base architecture a LoRA's metadata names, when it names one other than SD1.x."""
+    architecture = metadata.get("modelspec.architecture", "")
+    if architecture and not architecture.startswith("stable-diffusion-v1"):
+        return architecture
+    version = metadata.get("ss_base_model_version", "")
+    if version and not version.startswith("sd_v1"):
+        return version
+    if metadata.get("ss_v2") == "True":
+        return "SD2.x (ss_v2)"
+    return None
+
+
+def _module_key(key: str) -> tuple[str, str] | None:
+    """(kohya module name, part) of a tensor key, or None for a key that is not a LoRA weight."""
+    if key.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX)):
+        for suffix, part in _KOHYA_SUFFIXES.items():
+            if key.endswith(suffix):
+                return key[: -len(suffix)], part
+        return None
+    for suffix, part in _PEFT_SUFFIXES.items():
+        if key.endswith(suffix):
+            name = _peft_to_kohya_name(key[: -len(suffix)])
+            return None if name is None else (name, part)
+    return None
+
+
+def _peft_to_kohya_name(name: str) -> str | None:
+    for prefix, kohya_prefix in _PEFT_PREFIXES.items():
+        if name.startswith(prefix):
+            return kohya_prefix + name[len(prefix):].replace(".", "_")
+    if "." in name:  # an unprefixed peft state dict of a UNet (hgdpo's training checkpoints)
+        return UNET_PREFIX + name.replace(".", "_")
+    return None
+
+
+def lora_from_state_dict(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                         path: str = "") -> LoRAFile:
+    """Group a LoRA state dict (kohya or peft/diffusers names) into :class:`LoRAModule` s."""
+    metadata = dict(metadata or {})
+    label = path or "The LoRA"
+    architecture = _architecture_from_metadata(metadata)
+    if architecture:
+        raise LoRAArchitectureError(f"{label} was made for {architecture}, not for an SD1.5-family model.")
+    for key in state_dict:
+        for marker, kind in _UNSUPPORTED_MARKERS.items():
+            if marker in key:
+                raise LoRAArchitectureError(
+                    f"{label} is a {kind} network ({key!r}); only plain LoRA (down/up) is supported here. "
+                    "Load it with your frontend's own LoRA loader instead."
+                )
+        for prefix, family in _FOREIGN_PREFIXES.items():
+            if key.startswith(prefix):
+                raise LoRAArchitectureError(f"{label} was made for {family} ({key!r}), not for an SD1.5-family model.")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    ignored = []
+    for key, tensor in state_dict.items():
+        found = _module_key(key)
+        if found is None:
+            ignored.append(key)
+            continue
+        name, part = found
+        parts.setdefault(name, {})[part] = tensor
+    if not parts:
+        raise LoRAArchitectureError(
+            f"{label} holds no LoRA weights (keys such as {list(state_dict)[:3]}); is it a LoRA file?"
+        )
+    modules = {}
+    for name, tensors in parts.items():
+        if "down" not in tensors or "up" not in tensors:
+            raise LoRAArchitectureError(f"{label}: module {name} lacks its {'up' if 'down' in tensors else 'down'} weight.")
+        alpha = tensors.get("alpha")
+        modules[name] = LoRAModule(tensors["down"], tensors["up"], None if alpha is None else float(alpha))
+    return LoRAFile(modules=modules, metadata=metadata, path=path)
+
+
+def read_lora(path: str | Path) -> LoRAFile:
+    """Read a LoRA ``.safetensors`` file (kohya or peft/diffusers layout) and refuse other architectures."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} not found.")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRAs are read from .safetensors files only (pickled files can carry code).")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable .safetensors file: {error}") from error
+    return lora_from_state_dict(state_dict, metadata, str(path))
+
+
+def kohya_module_names(model: nn.Module) -> dict[str, nn.Module]:
+    """A diffusers/transformers model's Linear and Conv2d layers keyed as kohya names them (dots -> _)."""
+    return {name.replace(".", "_"): module for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))}
+
+
+def _describe_mismatch(lora: dict[str, LoRAModule], modules: Mapping[str, nn.Module], label: str) -> str:
+    cross = [module for name, module in lora.items() if name.endswith(("attn2_to_k", "attn2_to_v"))]
+    family = _CROSS_ATTENTION_FAMILIES.get(cross[0].down.shape[1]) if cross else None
+    missing = sorted(set(lora) - set(modules))
+    hint = f" It looks like a LoRA for {family}." if family else ""
+    return (f"{label} does not fit this SD1.5 model ({len(missing)} of {len(lora)} modules unknown, "
+            f"e.g. {missing[:3]}).{hint}")
+
+
+def _check_shape(name: str, weights: LoRAModule, module: nn.Module, label: str) -> None:
+    if isinstance(module, nn.Linear):
+        expected_down, expected_up = (weights.rank, module.in_features), (module.out_features, weights.rank)
+    else:
+        expected_down = (weights.rank, module.in_channels, *weights.down.shape[2:])
+        expected_up = (module.out_channels, weights.rank, 1, 1)
+    if tuple(weights.down.shape[:2]) != expected_down[:2] or tuple(weights.up.shape[:2]) != expected_up[:2]:
+        width = _CROSS_ATTENTION_FAMILIES.get(weights.down.shape[1]) if name.endswith(("attn2_to_k", "attn2_to_v")) else None
+        hint = f" It looks like a LoRA for {width}." if width else ""
+        raise LoRAArchitectureError(
+            f"{label}: module {name} has shapes down {tuple(weights.down.shape)} / up {tuple(weights.up.shape)}, "
+            f"but the model's layer needs down {expected_down} / up {expected_up}.{hint}"
+        )
+
+
+class FunctionalLoRA:
+    """A LoRA added to layer outputs by forward hooks, with a scalar or per-sample scale.
+
+    ``scale`` may be a float, or a 1-D tensor with one entry per sample of the batch (the first
+    dimension of every hooked layer's input): ``[0, 0, w, w]`` evaluates the base model on the first
+    half of a batch and the LoRA model on the second half in one forward.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], lora: Mapping[str, LoRAModule], scale: float | torch.Tensor = 1.0,
+                 label: str = "The LoRA") -> None:
+        unknown = set(lora) - set(modules)
+        if unknown:
+            raise LoRAArchitectureError(_describe_mismatch(dict(lora), modules, label))
+        self.scale: float | torch.Tensor = scale
+        self._handles = []
+        for name, weights in lora.items():
+            module = modules[name]
+            _check_shape(name, weights, module, label)
+            parameter = next(module.parameters())
+            down = weights.down.to(parameter.device, parameter.dtype)
+            up = (weights.up * weights.multiplier).to(parameter.device, parameter.dtype)
+            self._handles.append(module.register_forward_hook(self._hook(module, down, up)))
+
+    def _hook(self, module: nn.Module, down: torch.Tensor, up: torch.Tensor):
+        if isinstance(module, nn.Conv2d):
+            def delta(x: torch.Tensor) -> torch.Tensor:
+                hidden = F.conv2d(x, down, stride=module.stride, padding=module.padding, dilation=module.dilation)
+                return F.conv2d(hidden, up.reshape(*up.shape[:2], 1, 1))
+        else:
+            def delta(x: torch.Tensor) -> torch.Tensor:
+                return F.linear(F.linear(x, down), up)
+
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            scale = self.scale
+            if isinstance(scale, torch.Tensor):
+                scale = scale.to(output.device, output.dtype).reshape(-1, *([1] * (output.dim() - 1)))
+            elif scale == 0.0:
+                return output
+            return output + scale * delta(inputs[0])
+
+        return hook
+
+    def remove(self) -> None:
+        """Detach every hook; the model is exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
+def attach_lora(unet: nn.Module, text_encoder: nn.Module | None, lora: LoRAFile,
+                scale: float = 1.0) -> tuple[FunctionalLoRA, FunctionalLoRA | None]:
+    """Hook a LoRA file onto a diffusers UNet (and a transformers CLIP text encoder, if it has TE weights)."""
+    label = lora.path or "The LoRA"
+    unet_lora = FunctionalLoRA(kohya_module_names(unet), lora.unet, scale, label)
+    text_lora = None
+    if lora.text_encoder:
+        if text_encoder is None:
+            raise ValueError(f"{label} adapts the text encoder, but no text encoder was given.")
+        text_lora = FunctionalLoRA(kohya_module_names(text_encoder), lora.text_encoder, scale, label)
+    return unet_lora, text_lora
+
+
+def describe(lora: LoRAFile) -> str:
+    """One line for logs: module counts, rank, and hgdpo's training metadata when present."""
+    ranks = sorted({module.rank for module in lora.modules.values()})
+    hgdpo = {key[len("hgdpo."):]: value for key, value in lora.metadata.items() if key.startswith("hgdpo.")}
+    return (f"{Path(lora.path).name or 'LoRA'}: {len(lora.unet)} UNet + {len(lora.text_encoder)} text-encoder "
+            f"modules, rank {ranks}" + (f", {json.dumps(hgdpo)}" if hgdpo else ""))

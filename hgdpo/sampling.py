@@ -1,0 +1,346 @@
+"""HG-DPO inference with diffusers: the LoRA at a weight, LAN lockstep sampling, best-of-N.
+
+    generator = ImageGenerator(load_sd15("model.safetensors"), lora="hgdpo.safetensors")
+    output = generator.generate(["a woman singing on the stage"], seeds=[7],
+                                config=SamplingConfig(lora_weight=0.5, lan_strength=1.0))
+    output.images[0].save("out.png")
+
+LAN (Eq. 7) samples the SFT and the DPO model in lockstep. Both trajectories live in one latent batch
+``[x_sft; x_dpo]`` that any diffusers scheduler steps as usual: schedulers keep their multistep
+history per element, so each trajectory has its own solver state, and the stochastic ones draw their
+noise from one generator per element, seeded so that both halves get the same draws. After every
+step :func:`hgdpo.lan.normalize_stacked` renormalises the DPO half to the SFT half.
+
+When the DPO model is the SFT model plus a LoRA (the common case), one UNet evaluates both halves in
+one forward with the LoRA scaled per sample (0 for SFT rows, w for DPO rows; see
+:class:`hgdpo.lora_runtime.FunctionalLoRA`): one copy of the weights, nothing re-patched per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from hgdpo.lan import normalize_stacked
+from hgdpo.lora_runtime import FunctionalLoRA, LoRAFile, attach_lora, read_lora
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from hgdpo.models import SD15Components
+    from hgdpo.scorers import Scorer
+    from hgdpo.selection import ScoredImage
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+SAMPLERS: dict[str, tuple[str, dict[str, object], str]] = {
+    # name: (diffusers scheduler class, config overrides, the WebUI's label)
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+                     "DPM++ 2M SDE"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+SCHEDULES = ("normal", "karras")
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings; the defaults are the paper's (DPM-Solver++, 50 steps, CFG 5, LoRA weight 0.5)."""
+
+    steps: int = 50
+    guidance_scale: float = 5.0
+    sampler: str = "dpmpp_2m"
+    schedule: str = "normal"
+    width: int = 512
+    height: int = 512
+    negative_prompt: str = ""
+    lora_weight: float = 0.5
+    lan_strength: float = 0.0
+    """0 samples the DPO model alone; (0, 1] samples SFT and DPO in lockstep with LAN (1 = Eq. 7)."""
+
+    def validate(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}.")
+        if self.width % 8 or self.height % 8 or min(self.width, self.height) < 8:
+            raise ValueError(f"Width and height must be positive multiples of 8, got {self.width}x{self.height}.")
+        if not 0.0 <= self.lan_strength <= 1.0:
+            raise ValueError(f"LAN strength must lie in [0, 1], got {self.lan_strength}.")
+
+    @property
+    def sampler_label(self) -> str:
+        """The sampler as the WebUI names it, for the image's parameters."""
+        return SAMPLERS[self.sampler][2]
+
+
+def make_scheduler(base_config, sampler: str = "dpmpp_2m", schedule: str = "normal"):
+    """A fresh diffusers scheduler for ``sampler`` built on the model's training noise schedule."""
+    import diffusers
+
+    class_name, overrides, _ = SAMPLERS[sampler]
+    scheduler_class = getattr(diffusers, class_name)
+    options = dict(overrides)
+    if schedule == "karras":
+        if "use_karras_sigmas" not in inspect.signature(scheduler_class.__init__).parameters:
+            raise ValueError(f"The {sampler} sampler has no Karras schedule in diffusers; use schedule 'normal'.")
+        options["use_karras_sigmas"] = True
+    return scheduler_class.from_config(base_config, **options)
+
+
+def _step_kwargs(scheduler, generator: list[torch.Generator] | None) -> dict[str, object]:
+    """The optional ``step`` arguments this scheduler accepts (as diffusers' pipelines pass them)."""
+    accepted = inspect.signature(scheduler.step).parameters
+    return {"generator": generator} if "generator" in accepted and generator is not None else {}
+
+
+@torch.no_grad()
+def denoise_loop(
+    denoise: Denoiser,
+    scheduler,
+    noise: torch.Tensor,
+    steps: int,
+    generator: list[torch.Generator] | None = None,
+    after_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    callback: StepCallback | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Sample from ``noise`` with a diffusers scheduler; ``after_step`` transforms the latents after each step.
+
+    ``generator`` holds one generator per batch element for stochastic schedulers. ``callback(i, t,
+    latents)`` sees the latents after step ``i`` (after ``after_step``).
+    """
+    from tqdm.auto import tqdm
+
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    step_kwargs = _step_kwargs(scheduler, generator)
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not show_progress, leave=False)):
+        model_output = denoise(scheduler.scale_model_input(latents, t), t)
+        latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
+        if after_step is not None:
+            latents = after_step(latents)
+        if callback is not None:
+            callback(i, t, latents)
+    return latents
+
+
+class GuidedUNet:
+    """Classifier-free guidance (Ho & Salimans): one UNet forward over ``[uncond; cond]`` rows.
+
+    ``lora_scale`` is written to ``lora.scale`` before the forward; a per-sample tensor (one entry per
+    latent row) is repeated for the unconditional and conditional halves.
+    """
+
+    def __init__(self, unet, positive: torch.Tensor, negative: torch.Tensor | None, guidance_scale: float,
+                 lora: FunctionalLoRA | None = None, lora_scale: float | torch.Tensor = 0.0) -> None:
+        self.unet = unet
+        self.guided = negative is not None and guidance_scale > 1.0
+        self.embeddings = torch.cat([negative, positive]) if self.guided else positive
+        self.guidance_scale = guidance_scale
+        self.lora = lora
+        if isinstance(lora_scale, torch.Tensor) and self.guided:
+            lora_scale = lora_scale.repeat(2)
+        self.lora_scale = lora_scale
+
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if self.lora is not None:
+            self.lora.scale = self.lora_scale
+        model_input = torch.cat([latents, latents]) if self.guided else latents
+        output = self.unet(model_input, timestep, encoder_hidden_states=self.embeddings, return_dict=False)[0]
+        if not self.guided:
+            return output
+        uncond, cond = output.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+
+class LockstepUNets:
+    """Two denoisers for a lockstep batch ``[x_sft; x_dpo]``: each half through its own model."""
+
+    def __init__(self, sft: Denoiser, dpo: Denoiser) -> None:
+        self.sft, self.dpo = sft, dpo
+
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        sft, dpo = latents.chunk(2)
+        return torch.cat([self.sft(sft, timestep), self.dpo(dpo, timestep)])
+
+
+@dataclass
+class GenerationOutput:
+    """Decoded images of the DPO model (or the only model), and the final latents."""
+
+    images: list[Image]
+    latents: torch.Tensor
+    seeds: list[int]
+    sft_latents: torch.Tensor | None = None
+    sft_images: list[Image] = field(default_factory=list)
+
+
+class ImageGenerator:
+    """Generates with an SD1.5 model, an optional HG-DPO LoRA and optional LAN (see the module doc).
+
+    Args:
+        components: the SFT model (the base the LoRA was trained on).
+        lora: a LoRA file path or :class:`LoRAFile`; the DPO model is the SFT model plus this LoRA.
+        dpo_components: a separate DPO model (e.g. a merged checkpoint); the LoRA, if any, is then
+            added to this model. Costs a second copy of the weights.
+    """
+
+    def __init__(self, components: SD15Components, *, lora: str | Path | LoRAFile | None = None,
+                 dpo_components: SD15Components | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype
+        self.sft = components
+        self.dpo = dpo_components or components
+        for model in {id(part): part for part in (components, self.dpo)}.values():
+            for module in (model.unet, model.vae, model.text_encoder):
+                module.to(self.device)
+                if module.dtype != dtype:
+                    module.to(dtype=dtype)
+        if dpo_components is not None and dpo_components.unet.config.in_channels != components.unet.config.in_channels:
+            raise ValueError("The SFT and DPO models have different latent channels; LAN needs one latent space.")
+        self.lora = read_lora(lora) if isinstance(lora, (str, Path)) else lora
+        self.unet_lora: FunctionalLoRA | None = None
+        self.text_lora: FunctionalLoRA | None = None
+        if self.lora is not None:
+            self.unet_lora, self.text_lora = attach_lora(self.dpo.unet, self.dpo.text_encoder, self.lora, scale=0.0)
+        self._pipelines = {}
+
+    @property
+    def shares_weights(self) -> bool:
+        """True when the DPO model is the SFT model plus the LoRA (the one-UNet fast path applies)."""
+        return self.dpo is self.sft
+
+    def _pipeline(self, model: SD15Components):
+        if id(model) not in self._pipelines:
+            self._pipelines[id(model)] = model.pipeline()
+        return self._pipelines[id(model)]
+
+    def _encode(self, model: SD15Components, prompts: Sequence[str], config: SamplingConfig,
+                text_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        guided = config.guidance_scale > 1.0
+        negative = [config.negative_prompt] * len(prompts) if guided else None
+        if self.text_lora is not None and model is self.dpo:
+            self.text_lora.scale = text_scale
+        positive, negative_embeds = self._pipeline(model).encode_prompt(list(prompts), self.device, 1, guided, negative)
+        return positive, negative_embeds if guided else None
+
+    def _noise(self, seeds: Sequence[int], config: SamplingConfig) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Initial noise drawn as diffusers' pipelines draw it (one CPU generator per image)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        factor = 2 ** (len(self.sft.vae.config.block_out_channels) - 1)
+        shape = (len(seeds), self.sft.unet.config.in_channels, config.height // factor, config.width // factor)
+        return randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype), generators
+
+    def _decode(self, model: SD15Components, latents: torch.Tensor) -> list[Image]:
+        pipeline = self._pipeline(model)
+        with torch.no_grad():
+            pixels = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0]
+        return pipeline.image_processor.postprocess(pixels, output_type="pil")
+
+    def denoiser(self, prompts: Sequence[str], config: SamplingConfig, lockstep: bool,
+                 shared_forward: bool = True) -> Denoiser:
+        """The model function: the DPO model alone, or SFT and DPO for a lockstep batch."""
+        weight = config.lora_weight if self.lora is not None else 0.0
+        dpo_text = self._encode(self.dpo, prompts, config, weight)
+        if not lockstep:
+            return GuidedUNet(self.dpo.unet, *dpo_text, config.guidance_scale, self.unet_lora, weight)
+        sft_text = self._encode(self.sft, prompts, config, 0.0)
+        if self.shares_weights and shared_forward:
+            count = len(prompts)
+            scales = torch.tensor([0.0] * count + [weight] * count, device=self.device, dtype=self.dtype)
+            positive = torch.cat([sft_text[0], dpo_text[0]])
+            negative = None if sft_text[1] is None else torch.cat([sft_text[1], dpo_text[1]])
+            return GuidedUNet(self.dpo.unet, positive, negative, config.guidance_scale, self.unet_lora, scales)
+        sft_lora = self.unet_lora if self.shares_weights else None
+        return LockstepUNets(GuidedUNet(self.sft.unet, *sft_text, config.guidance_scale, sft_lora, 0.0),
+                             GuidedUNet(self.dpo.unet, *dpo_text, config.guidance_scale, self.unet_lora, weight))
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], config: SamplingConfig | None = None, *,
+                 callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None,
+                 return_sft: bool = False, shared_forward: bool = True,
+                 show_progress: bool = False) -> GenerationOutput:
+        """One image per (prompt, seed). With ``config.lan_strength > 0`` SFT and DPO sample in lockstep.
+
+        ``callback(i, t, dpo_latents, sft_latents)`` runs after every step (``sft_latents`` is None
+        without LAN). ``shared_forward=False`` evaluates a shared-weights lockstep batch with two
+        forwards instead of one (the reference for the fast path).
+        """
+        config = config or SamplingConfig()
+        config.validate()
+        if len(prompts) != len(seeds):
+            raise ValueError(f"Got {len(prompts)} prompts for {len(seeds)} seeds.")
+        lockstep = config.lan_strength > 0.0
+        if lockstep and self.lora is None and self.shares_weights:
+            raise ValueError("LAN needs a DPO model that differs from the SFT model: give an HG-DPO LoRA "
+                             "or a separate DPO checkpoint.")
+        denoise = self.denoiser(prompts, config, lockstep, shared_forward)
+        scheduler = make_scheduler(self.sft.noise_scheduler.config, config.sampler, config.schedule)
+        noise, generators = self._noise(seeds, config)
+        after_step, step_callback = None, None
+        if lockstep:
+            _, twins = self._noise(seeds, config)  # same seeds, advanced past the same initial noise
+            generators = generators + twins
+            noise = torch.cat([noise, noise])
+            after_step = partial(normalize_stacked, strength=config.lan_strength)
+        if callback is not None:
+            def step_callback(i: int, t: torch.Tensor, latents: torch.Tensor) -> None:
+                if lockstep:
+                    sft, dpo = latents.chunk(2)
+                    callback(i, t, dpo, sft)
+                else:
+                    callback(i, t, latents, None)
+        latents = denoise_loop(denoise, scheduler, noise, config.steps, generators, after_step, step_callback,
+                               show_progress)
+        sft_latents = None
+        if lockstep:
+            sft_latents, latents = latents.chunk(2)
+        if self.unet_lora is not None:
+            self.unet_lora.scale = 0.0
+        return GenerationOutput(
+            images=self._decode(self.dpo, latents),
+            latents=latents,
+            seeds=[int(seed) for seed in seeds],
+            sft_latents=sft_latents,
+            sft_images=self._decode(self.sft, sft_latents) if return_sft and sft_latents is not None else [],
+        )
+
+
+def best_of_n(generator: ImageGenerator, prompt: str, seed: int, count: int, scorer: Scorer,
+              config: SamplingConfig | None = None, batch_size: int = 4,
+              show_progress: bool = False) -> list[ScoredImage]:
+    """Generate ``count`` candidates (seeds ``seed .. seed+count-1``, in batches) and rank them best first.
+
+    ``ScoredImage.index`` is the candidate's offset from ``seed``.
+    """
+    from tqdm.auto import tqdm
+
+    from hgdpo.selection import rank_candidates
+
+    if count < 1:
+        raise ValueError(f"Best-of-N needs N >= 1, got {count}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    images: list[Image] = []
+    with tqdm(total=count, desc="candidates", disable=not show_progress) as progress:
+        for start in range(0, count, batch_size):
+            seeds = list(range(seed + start, seed + min(start + batch_size, count)))
+            images += generator.generate([prompt] * len(seeds), seeds, config).images
+            progress.update(len(seeds))
+    return rank_candidates(scorer, prompt, images)
