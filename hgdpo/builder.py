@@ -36,6 +36,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from PIL import Image
 
+from hgdpo.cli import resolve_dtype
 from hgdpo.config import DTYPES, parse_resolution
 from hgdpo.fileio import atomic_write_bytes, atomic_write_text
 
@@ -420,12 +421,6 @@ def _build_prompt(generator: PoolGenerator, scorer: Scorer, config: BuildConfig,
     atomic_write_text(_record_path(out, i), json.dumps(record, indent=1) + "\n")
 
 
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
 def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_progress: bool = True) -> BuildResult:
     """Generate, score and select; write the triplet dataset to ``config.output_dir`` (resumable).
 
@@ -487,7 +482,7 @@ def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_
 
             components = load_sd15(config.model, config_dir=config.model_config_dir)
         device = torch.device(config.device) if config.device else state.device
-        generator = PoolGenerator(components, config, device, _resolve_dtype(config.dtype, device))
+        generator = PoolGenerator(components, config, device, resolve_dtype(config.dtype, device))
         progress = tqdm(total=len(pending) * config.pool_size, desc=f"building (rank {rank})" if world > 1 else
                         "building", unit="img", dynamic_ncols=True,
                         disable=not (show_progress and state.is_main_process))

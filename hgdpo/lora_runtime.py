@@ -217,11 +217,12 @@ class FunctionalLoRA:
         unknown = set(lora) - set(modules)
         if unknown:
             raise LoRAArchitectureError(_describe_mismatch(dict(lora), modules, label))
+        for name, weights in lora.items():
+            _check_shape(name, weights, modules[name], label)
         self.scale: float | torch.Tensor = scale
         self._handles = []
         for name, weights in lora.items():
             module = modules[name]
-            _check_shape(name, weights, module, label)
             parameter = next(module.parameters())
             down = weights.down.to(parameter.device, parameter.dtype)
             up = (weights.up * weights.multiplier).to(parameter.device, parameter.dtype)

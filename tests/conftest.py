@@ -49,6 +49,28 @@ def tiny_components(tiny_model_dir):
     return load_sd15(tiny_model_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_models, tmp_path_factory):
+    """A random kohya LoRA for the tiny UNet, written by hgdpo's LoRA writer."""
+    _, models = tiny_models
+    return sd15_factory.save_random_lora(models["unet"], tmp_path_factory.mktemp("lora") / "hgdpo.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dirs(tmp_path_factory):
+    """A tiny random CLIP saved like the real folders: ``model`` (weights only), ``processor`` (processor
+    only), ``combined`` (both, like a CLIP repo). Loads as PickScore or CLIP score."""
+    from tests.tiny_clip import build_tiny_clip, build_tiny_processor
+
+    root = tmp_path_factory.mktemp("tiny-clip")
+    model, processor = build_tiny_clip(), build_tiny_processor()
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "processor")
+    model.save_pretrained(root / "combined")
+    processor.save_pretrained(root / "combined")
+    return {name: root / name for name in ("model", "processor", "combined")}
+
+
 def write_triplets(directory, num_pairs: int = 8):
     from hgdpo.demo import write_synthetic_triplets
 

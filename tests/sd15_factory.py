@@ -319,3 +319,34 @@ def save_fake_lora(path: str | Path, rank: int = 4) -> Path:
         state[f"{name}.lora_up.weight"] = _zeros(out_features, rank)
         state[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float16)
     return _save_state_dict(state, path, None)
+
+
+def save_random_lora(unet: nn.Module, path: str | Path, *, rank: int = 8, std: float = 0.05, seed: int = 0,
+                     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+                     text_encoder: nn.Module | None = None) -> Path:
+    """A random kohya LoRA shaped for ``unet`` (and optionally the text encoder's q/k/v/out projections),
+    written by hgdpo's own writer, so it has an effect (the trainer's initial up weights are zero)."""
+    from hgdpo.lora import kohya_metadata, save_kohya_lora
+    from hgdpo.lora_runtime import TEXT_ENCODER_PREFIX
+
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Linear) and name.endswith(targets):
+            state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * std
+            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * std
+    metadata = kohya_metadata(rank=rank, alpha=float(rank), title=Path(path).stem, resolution=(64, 64),
+                              base_model="random", base_model_hash=None, training={}, hgdpo={"loss": "hgdpo"})
+    path = save_kohya_lora(path, state, float(rank), metadata, dtype=torch.float32)
+    if text_encoder is not None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(path))
+        for name, module in text_encoder.named_modules():
+            if isinstance(module, nn.Linear) and name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+                key = TEXT_ENCODER_PREFIX + name.replace(".", "_")
+                tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * std
+                tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * std
+                tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+        save_file(tensors, str(path), metadata=metadata)
+    return path

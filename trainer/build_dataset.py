@@ -15,13 +15,12 @@ where it stopped (each finished prompt is committed on its own).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from hgdpo.cli import add_device_arguments, add_scorer_arguments, scorer_from_arguments, setup_logging  # noqa: E402
 from hgdpo.errors import run_cli  # noqa: E402
 
 
@@ -36,11 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompts", required=True, help="Prompt file: .txt (one per line), .tsv/.csv (with a header) or .jsonl.")
     add("--output-dir", required=True, help="Dataset folder (created; re-run the same command to resume).")
     add("--pool-size", type=int, default=20, help="Images generated per prompt, N (paper: 20).")
-    add("--scorer", default="pickscore",
-        help="Scorer: 'pickscore' (paper), 'clip', or a plug-in 'package.module:callable'.")
-    add("--scorer-model", default=None, help="Scorer model folder or hub id (default: the scorer's own default).")
-    add("--scorer-processor", default=None,
-        help="Scorer processor folder or hub id (PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K).")
+    add_scorer_arguments(parser)
     add("--resolution", default="512", help="Image size: N for NxN or WxH, multiples of 8.")
     add("--steps", type=int, default=50, help="DPM-Solver++ sampling steps (paper: 50).")
     add("--cfg", type=float, default=5.0, help="Classifier-free guidance scale (paper: 5.0).")
@@ -63,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Also write the dataset as a Pick-a-Pic v2 style .parquet file at PATH.")
     add("--model-config-dir", default=None,
         help="Diffusers-layout config folder for a single-file --model (default: the bundled SD1.5 configs).")
-    add("--device", default=None, help="Device, e.g. cuda:0 or cpu (default: the process's accelerator).")
-    add("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-        help="Model precision (auto: fp16 on CUDA, fp32 elsewhere).")
+    add_device_arguments(parser)
     add("--image-format", default="png", choices=("png", "jpeg"), help="Format of the image files.")
     add("--no-progress", action="store_true", help="No progress bar.")
     return parser
@@ -73,10 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
-    for noisy in ("diffusers", "transformers", "PIL", "urllib3", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging()
     from hgdpo.builder import BuildConfig, build_dataset
 
     config = BuildConfig(
@@ -95,11 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
 
-        from hgdpo.scorers import load_scorer  # lazily: the scorer stack is heavy
-
         device = config.device or PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
-        options = {"processor": arguments.scorer_processor} if arguments.scorer_processor else {}
-        scorer = load_scorer(config.scorer, model=config.scorer_model, device=device, **options)
+        scorer = scorer_from_arguments(arguments, device)
         result = build_dataset(config, scorer, show_progress=not arguments.no_progress)
         return (f"Dataset written to {result.output_dir}: {result.num_pairs} pairs from {result.num_prompts} "
                 f"prompts ({result.num_skipped} skipped)")

@@ -1,0 +1,183 @@
+"""The ``trainer/sample.py`` job: prompts and seeds in, PNG files with generation parameters out."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from hgdpo import infotext
+from hgdpo.sampling import ImageGenerator, SamplingConfig, best_of_n
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from hgdpo.scorers import Scorer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateJob:
+    """What to generate and where; see ``trainer/sample.py --help`` for each field."""
+
+    model: str
+    prompts: list[str]
+    output_dir: Path
+    config: SamplingConfig = field(default_factory=SamplingConfig)
+    lora: str | None = None
+    dpo_model: str | None = None
+    best_of: int = 1
+    num_images: int = 1
+    seed: int = 0
+    batch_size: int = 4
+    save_candidates: bool = False
+    save_sft: bool = False
+    shared_forward: bool = True
+    scorer_arguments: argparse.Namespace | None = None
+    model_config_dir: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+
+    @classmethod
+    def from_arguments(cls, arguments: argparse.Namespace) -> GenerateJob:
+        from hgdpo.prompts import read_prompts
+
+        prompts = [*arguments.prompt_text, *arguments.prompt]
+        if arguments.prompts:
+            prompts += read_prompts(arguments.prompts, category=arguments.category)
+        config = SamplingConfig(
+            steps=arguments.steps, guidance_scale=arguments.cfg, sampler=arguments.sampler,
+            schedule=arguments.schedule, width=arguments.width, height=arguments.height,
+            negative_prompt=arguments.negative_prompt, lora_weight=arguments.lora_weight,
+            lan_strength=arguments.lan,
+        )
+        return cls(
+            model=arguments.model, prompts=prompts, output_dir=Path(arguments.output_dir), config=config,
+            lora=arguments.lora, dpo_model=arguments.dpo_model, best_of=arguments.best_of,
+            num_images=arguments.num_images, seed=arguments.seed, batch_size=arguments.batch_size,
+            save_candidates=arguments.save_candidates, save_sft=arguments.save_sft,
+            shared_forward=not arguments.two_forwards, scorer_arguments=arguments,
+            model_config_dir=arguments.model_config_dir, device=arguments.device, dtype=arguments.dtype,
+        )
+
+    def validate(self) -> None:
+        self.config.validate()
+        if not self.prompts:
+            raise ValueError("No prompt given: pass PROMPT, --prompt TEXT or --prompts FILE.")
+        for name in ("best_of", "num_images", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.save_sft and (self.config.lan_strength == 0.0 or self.best_of > 1):
+            raise ValueError("--save-sft needs --lan and no --best-of (the SFT image comes from the lockstep "
+                             "trajectory of a single image).")
+
+    def items(self) -> Iterator[tuple[int, str, int]]:
+        """(output index, prompt, base seed) of every output image."""
+        for i, prompt in enumerate(self.prompts):
+            for j in range(self.num_images):
+                index = i * self.num_images + j
+                yield index, prompt, self.seed + index * self.best_of
+
+
+def _parameters(job: GenerateJob, prompt: str, seed: int, model_hash: str | None, lora_hash: str | None,
+                score: float | None) -> str:
+    """The WebUI-style ``parameters`` text of one image."""
+    config = job.config
+    fields: dict[str, object] = {
+        "Steps": config.steps,
+        "Sampler": config.sampler_label,
+        "Schedule type": "Karras" if config.schedule == "karras" else None,
+        "CFG scale": config.guidance_scale,
+        "Seed": seed,
+        "Size": f"{config.width}x{config.height}",
+        "Model hash": model_hash,
+        "Model": Path(job.model).stem,
+    }
+    if job.lora:
+        fields.update({infotext.LORA_KEY: Path(job.lora).stem, infotext.LORA_HASH_KEY: lora_hash,
+                       infotext.WEIGHT_KEY: config.lora_weight})
+    if job.dpo_model:
+        fields["HG-DPO model"] = Path(job.dpo_model).stem
+    if config.lan_strength > 0.0:
+        fields[infotext.LAN_KEY] = config.lan_strength
+    if job.best_of > 1:
+        fields.update({infotext.BEST_OF_KEY: job.best_of, infotext.SCORE_KEY: f"{score:.4f}"})
+    return infotext.format_parameters(prompt, config.negative_prompt, fields)
+
+
+def _short_hash(path: str | None, length: int) -> str | None:
+    """The WebUI's short file hash (sha256 prefix) of a single file; None for folders and hub ids."""
+    from hgdpo.models import file_sha256
+
+    return file_sha256(path)[:length] if path and Path(path).is_file() else None
+
+
+def _load_generator(job: GenerateJob) -> ImageGenerator:
+    from accelerate import PartialState
+
+    from hgdpo.cli import resolve_dtype
+    from hgdpo.models import load_sd15
+
+    device = torch.device(job.device) if job.device else PartialState().device
+    sft = load_sd15(job.model, config_dir=job.model_config_dir)
+    dpo = load_sd15(job.dpo_model, config_dir=job.model_config_dir) if job.dpo_model else None
+    return ImageGenerator(sft, lora=job.lora, dpo_components=dpo, device=device,
+                          dtype=resolve_dtype(job.dtype, device))
+
+
+def _load_scorer(job: GenerateJob, device: torch.device) -> Scorer | None:
+    if job.best_of == 1:
+        return None
+    from hgdpo.cli import scorer_from_arguments
+
+    return scorer_from_arguments(job.scorer_arguments, device)
+
+
+def run_generate_job(job: GenerateJob, show_progress: bool = True) -> list[Path]:
+    """Generate every image of the job; returns the paths written."""
+    from tqdm.auto import tqdm
+
+    job.validate()
+    generator = _load_generator(job)
+    if generator.lora is not None:
+        from hgdpo.lora_runtime import describe
+
+        logger.info("LoRA %s at weight %s", describe(generator.lora), job.config.lora_weight)
+    scorer = _load_scorer(job, generator.device)  # before sampling: missing weights fail fast
+    model_hash, lora_hash = _short_hash(job.model, 10), _short_hash(job.lora, 12)
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def save(image: Image, name: str, prompt: str, seed: int, score: float | None = None) -> None:
+        parameters = _parameters(job, prompt, seed, model_hash, lora_hash, score)
+        written.append(infotext.save_png(image, job.output_dir / name, parameters))
+
+    items = list(job.items())
+    if scorer is None:
+        for start in tqdm(range(0, len(items), job.batch_size), desc="batches", disable=not show_progress):
+            batch = items[start:start + job.batch_size]
+            output = generator.generate([prompt for _, prompt, _ in batch], [seed for _, _, seed in batch],
+                                        job.config, return_sft=job.save_sft, shared_forward=job.shared_forward,
+                                        show_progress=show_progress)
+            for k, (index, prompt, seed) in enumerate(batch):
+                save(output.images[k], f"{index:05d}-{seed}.png", prompt, seed)
+                if job.save_sft:
+                    sft_parameters = replace(job, lora=None, config=replace(job.config, lan_strength=0.0))
+                    written.append(infotext.save_png(output.sft_images[k], job.output_dir / f"{index:05d}-{seed}-sft.png",
+                                                     _parameters(sft_parameters, prompt, seed, model_hash, None, None)))
+        return written
+    for index, prompt, seed in tqdm(items, desc="images", disable=not show_progress):
+        ranked = best_of_n(generator, prompt, seed, job.best_of, scorer, job.config, job.batch_size, show_progress)
+        best = ranked[0]
+        save(best.image, f"{index:05d}-{seed + best.index}.png", prompt, seed + best.index, best.score)
+        if job.save_candidates:
+            for rank, candidate in enumerate(ranked, start=1):
+                save(candidate.image, f"candidates/{index:05d}-rank{rank:02d}-{seed + candidate.index}.png", prompt,
+                     seed + candidate.index, candidate.score)
+    return written
