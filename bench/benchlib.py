@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import platform
 import statistics
+import time
 from pathlib import Path
+
+import torch
 
 # people prompts, like the paper's training and test data
 BENCH_PROMPTS = (
@@ -34,3 +38,42 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> tuple[fl
     """Median, min and max of the per-round ratios (the variants of one round ran back to back)."""
     ratios = [a / b for a, b in zip(numerators, denominators)]
     return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_rounds(functions: dict, rounds: int, warmup: int, device: torch.device, label: str):
+    """Warm-up rounds, then ``rounds`` timed rounds, the variant order rotating by one each round."""
+    names = list(functions)
+    for w in range(warmup):
+        for name in names:
+            start = time.perf_counter()
+            functions[name]()
+            print(f"  warm-up {w + 1}: {name} {time.perf_counter() - start:.2f}s", flush=True)
+    seconds = {name: [] for name in names}
+    cpu_seconds = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        line = []
+        for name in order:
+            gc.collect()
+            synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            functions[name]()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - wall)
+            cpu_seconds[name].append(time.process_time() - cpu)
+            line.append(f"{name} {seconds[name][-1]:.2f}s")
+        print(f"  {label} round {r + 1}/{rounds}: " + ", ".join(line), flush=True)
+    return seconds, cpu_seconds
+
+
+def proc_status(field_name: str) -> int:
+    """A ``/proc/self/status`` memory field, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field_name)

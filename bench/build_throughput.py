@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 from benchlib import BENCH_PROMPTS as _PROMPTS
-from benchlib import cpu_name, median_ratio
+from benchlib import cpu_name, interleaved_rounds, median_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -141,11 +141,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _per_variant(seconds: dict[str, list[float]], cpu_seconds: dict[str, list[float]], images: int) -> dict:
     return {
         name: {
@@ -161,32 +156,6 @@ def _per_variant(seconds: dict[str, list[float]], cpu_seconds: dict[str, list[fl
         }
         for name, values in seconds.items()
     }
-
-
-def _interleaved(functions: dict, rounds: int, warmup: int, device: torch.device, label: str):
-    """Warm-up rounds, then ``rounds`` timed rounds, the variant order rotating by one each round."""
-    names = list(functions)
-    for w in range(warmup):
-        for name in names:
-            start = time.perf_counter()
-            functions[name]()
-            print(f"  warm-up {w + 1}: {name} {time.perf_counter() - start:.2f}s", flush=True)
-    seconds = {name: [] for name in names}
-    cpu_seconds = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        line = []
-        for name in order:
-            gc.collect()
-            synchronize(device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            functions[name]()
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - wall)
-            cpu_seconds[name].append(time.process_time() - cpu)
-            line.append(f"{name} {seconds[name][-1]:.2f}s")
-        print(f"  {label} round {r + 1}/{rounds}: " + ", ".join(line), flush=True)
-    return seconds, cpu_seconds
 
 
 # --------------------------------------------------------------------------- generation
@@ -256,7 +225,7 @@ def bench_generation(args, workdir: Path) -> dict:
     print(f"generation: {args.prompts} prompts x {args.pool_size} images = {images} images per round, "
           f"{args.steps} steps, {width}x{height}, {args.dtype}; warm-up {args.warmup}, {args.rounds} rounds",
           flush=True)
-    seconds, cpu_seconds = _interleaved({"builder": builder, "naive": naive}, args.rounds, args.warmup, device, "gen")
+    seconds, cpu_seconds = interleaved_rounds({"builder": builder, "naive": naive}, args.rounds, args.warmup, device, "gen")
     return {
         "model": {"arch": args.arch, "unet_parameters": unet_parameters, "setup_seconds": round(setup_seconds, 1),
                   "latent_shape": [4, height // 8, width // 8]},
@@ -325,7 +294,7 @@ def bench_scoring(args, workdir: Path) -> dict:
             assert scores.shape == (len(images),) and torch.isfinite(scores).all()
         return run
 
-    seconds, cpu_seconds = _interleaved({"batch1": at(1), "batch8": at(8)}, args.score_rounds, 1, device, "score")
+    seconds, cpu_seconds = interleaved_rounds({"batch1": at(1), "batch8": at(8)}, args.score_rounds, 1, device, "score")
     return {
         "scorer": {"class": "hgdpo.scorers.PickScoreScorer", "arch": args.scorer_arch, "parameters": parameters,
                    "vision_config": PICKSCORE_VISION if args.scorer_arch == "pickscore" else TINY_VISION,

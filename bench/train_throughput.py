@@ -58,7 +58,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from benchlib import BENCH_PROMPTS as _PROMPTS  # noqa: E402
-from benchlib import cpu_name, median_ratio  # noqa: E402
+from benchlib import cpu_name, median_ratio, proc_status, synchronize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -449,11 +449,6 @@ def diffusers_recipe_step(bench: Bench, variant: str = "diffusers"):
 # --------------------------------------------------------------------------- measuring
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(bench: Bench, variant: str, steps: int) -> tuple[float, float]:
     """Wall-clock and process-CPU seconds per optimizer step over ``steps`` consecutive steps."""
     gc.collect()
@@ -532,14 +527,6 @@ def measure_stat_term(bench: Bench, repeats: int = 40) -> dict:
             "extra_ms_per_micro_batch": 1e3 * extra, "repeats": repeats}
 
 
-def _proc_status(field_name: str) -> int:
-    """A ``/proc/self/status`` memory field, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field_name)
-
-
 def memory_probe(args) -> dict:
     """In a fresh process: build everything, then the peak memory of ``warmup + 1`` steps of one variant."""
     import resource
@@ -564,11 +551,11 @@ def memory_probe(args) -> dict:
         kind = "cpu VmHWM after clear_refs"
     except OSError:
         kind = "cpu ru_maxrss (includes model construction)"
-    base = _proc_status("VmRSS")
+    base = proc_status("VmRSS")
     for _ in range(steps):
         bench.steps[variant]()
     if kind.startswith("cpu VmHWM"):
-        peak = _proc_status("VmHWM")
+        peak = proc_status("VmHWM")
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"kind": kind, "base_bytes": base, "peak_bytes": peak, "step_growth_bytes": peak - base, "steps": steps,

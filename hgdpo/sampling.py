@@ -260,7 +260,8 @@ class ImageGenerator:
         dpo_text = self._encode(self.dpo, prompts, config, weight)
         if not lockstep:
             return GuidedUNet(self.dpo.unet, *dpo_text, config.guidance_scale, self.unet_lora, weight)
-        sft_text = self._encode(self.sft, prompts, config, 0.0)
+        same_text_encoder = self.text_lora is None and self.sft.text_encoder is self.dpo.text_encoder
+        sft_text = dpo_text if same_text_encoder else self._encode(self.sft, prompts, config, 0.0)
         if self.shares_weights and shared_forward:
             count = len(prompts)
             scales = torch.tensor([0.0] * count + [weight] * count, device=self.device, dtype=self.dtype)
