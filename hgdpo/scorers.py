@@ -13,6 +13,8 @@ Built in:
   a raw score per pair (around 20 for real images), never softmaxed across a batch.
 * ``"clip"`` -- :class:`CLIPScoreScorer`, the CLIP score of Hessel et al. (2021) as torchmetrics
   computes it: ``100 * max(cos(text, image), 0)`` with any transformers ``CLIPModel``.
+* ``"hpsv2"``, ``"aesthetic"``, ``"imagereward"`` -- the paper's other evaluation metrics, in
+  :mod:`hgdpo.metrics` (imported only when one is built).
 * ``"package.module:callable"`` -- a plug-in (see :func:`load_scorer`). The paper names PickScore's
   blindness to fine anatomy (malformed fingers, extra limbs) as the main limitation of its feedback;
   a plug-in lets users bring a hand- or anatomy-aware scorer (or an ensemble) without touching hgdpo.
@@ -272,14 +274,23 @@ class _CLIPEmbedder:
         return features / features.norm(dim=-1, keepdim=True)
 
     def cosines(self, prompts: Sequence[str], images: Sequence[Image]) -> torch.Tensor:
-        """Cosine similarity of each pair, batch by batch, float32 on the CPU."""
+        """Cosine similarity of each pair, batch by batch, float32 on the CPU.
+
+        Each distinct prompt is encoded once (a pool of N images of one prompt costs one text pass).
+        """
         _check_pairs(prompts, images)
+        if not images:
+            return torch.empty(0, dtype=torch.float32)
+        unique = list(dict.fromkeys(prompts))
+        text_embeds = torch.cat([self.embed_texts(unique[start:start + self.batch_size]).float()
+                                 for start in range(0, len(unique), self.batch_size)])
+        position = {prompt: i for i, prompt in enumerate(unique)}
+        rows = torch.tensor([position[prompt] for prompt in prompts], device=text_embeds.device)
         result = torch.empty(len(images), dtype=torch.float32)
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
             image_embeds = self.embed_images(images[start:stop])
-            text_embeds = self.embed_texts(prompts[start:stop])
-            result[start:stop] = (text_embeds.float() * image_embeds.float()).sum(-1).cpu()
+            result[start:stop] = (text_embeds[rows[start:stop]] * image_embeds.float()).sum(-1).cpu()
         return result
 
 
@@ -398,12 +409,28 @@ class FunctionScorer:
         return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.float32)
 
 
+def _metric(class_name: str) -> Callable[..., Scorer]:
+    """A factory of the evaluation metric ``hgdpo.metrics.<class_name>``, imported when first built."""
+
+    def factory(**kwargs: Any) -> Scorer:
+        from hgdpo import metrics
+
+        return getattr(metrics, class_name)(**kwargs)
+
+    return factory
+
+
 _BUILTIN = {
     "pickscore": PickScoreScorer,
     "pick": PickScoreScorer,
     "clip": CLIPScoreScorer,
     "clipscore": CLIPScoreScorer,
     "clip-score": CLIPScoreScorer,
+    "hpsv2": _metric("HPSv2Scorer"),
+    "hps": _metric("HPSv2Scorer"),
+    "aesthetic": _metric("AestheticScorer"),
+    "laion-aesthetic": _metric("AestheticScorer"),
+    "imagereward": _metric("ImageRewardScorer"),
 }
 
 
@@ -457,7 +484,8 @@ def load_scorer(spec: str, model: str | Path | None = None, device: str | torch.
     """Build a scorer from a name or a plug-in reference.
 
     Args:
-        spec: ``"pickscore"``, ``"clip"``, or ``"package.module:callable"``. A plug-in callable may be
+        spec: ``"pickscore"``, ``"clip"``, ``"hpsv2"``, ``"aesthetic"``, ``"imagereward"``, or
+            ``"package.module:callable"``. A plug-in callable may be
             a scorer class or factory (called with ``model=`` and ``device=`` where its signature takes
             them, plus ``kwargs``) returning an object with ``score(prompts, images)``; an object with
             ``score`` itself; or a plain function ``(prompts, images) -> sequence of floats``, which
@@ -473,7 +501,8 @@ def load_scorer(spec: str, model: str | Path | None = None, device: str | torch.
         factory = _BUILTIN.get(spec.lower())
         if factory is None:
             raise ValueError(
-                f"Unknown scorer {spec!r}: use 'pickscore', 'clip', or a plug-in 'package.module:callable'."
+                f"Unknown scorer {spec!r}: use one of {', '.join(_BUILTIN)}, or a plug-in "
+                "'package.module:callable'."
             )
         if model is not None:
             kwargs["model"] = model
