@@ -238,8 +238,12 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
-def render_contact_sheet(rows: Sequence[ContactRow], cell: int = THUMB_SIZE) -> Image.Image:
-    """A grid image, one pair per row: winner | loser, each labelled with its score, and the prompt above."""
+def render_contact_sheet(rows: Sequence[ContactRow], cell: int = THUMB_SIZE,
+                         labels: tuple[str, str] = ("win", "lose")) -> Image.Image:
+    """A grid image, one pair per row: winner | loser, each labelled with its score, and the prompt above.
+
+    ``labels`` name the two columns (e.g. ``("baseline", "candidate")`` for a model comparison).
+    """
     font = ImageFont.load_default()
     text_h, pad = 14, 4
     row_h = text_h + cell + text_h + 2 * pad
@@ -253,8 +257,8 @@ def render_contact_sheet(rows: Sequence[ContactRow], cell: int = THUMB_SIZE) -> 
         top = r * row_h
         prompt = row.prompt if len(row.prompt) <= max_chars else row.prompt[: max_chars - 3] + "..."
         draw.text((pad, top + pad), f"{r}: {prompt}", fill="black", font=font)
-        for c, (label, image, score) in enumerate((("win", row.win, row.win_score),
-                                                   ("lose", row.lose, row.lose_score))):
+        for c, (label, image, score) in enumerate(((labels[0], row.win, row.win_score),
+                                                   (labels[1], row.lose, row.lose_score))):
             left = pad + c * (cell + pad)
             thumb = _fit(image, cell)
             sheet.paste(thumb, (left + (cell - thumb.width) // 2, top + pad + text_h + (cell - thumb.height) // 2))
