@@ -202,7 +202,9 @@ def test_load_scorer_plugin_function_ranks_bright_above_dark():
 
 
 def test_load_scorer_plugin_class_gets_model_device_and_options():
-    scorer = load_scorer("tests.test_scorers:BrightnessScorer", model="hands.ckpt", device="cpu", gain=2.0)
+    # __name__: this module as imported here (the repository root is also a ComfyUI package, so pytest may
+    # name it main.tests.test_scorers); a second import under another name would be another class
+    scorer = load_scorer(f"{__name__}:BrightnessScorer", model="hands.ckpt", device="cpu", gain=2.0)
     assert isinstance(scorer, BrightnessScorer)
     assert (scorer.model, scorer.device, scorer.gain) == ("hands.ckpt", "cpu", 2.0)
     scores = scorer.score(["x", "y"], [solid(200), solid(100)])
