@@ -1,0 +1,29 @@
+"""HG-DPO as a ComfyUI custom node pack: clone this repository into ``ComfyUI/custom_nodes/``.
+
+ComfyUI imports this file and calls :func:`comfy_entrypoint` (the V3 node API, pinned to the numbered
+API version ``comfy_api.v0_0_2``). Nothing is imported at module level, so importing the pack costs
+nothing at ComfyUI's start, and test runners that import the repository root as a package need no
+ComfyUI. The nodes live in ``nodes/``, the library they use in ``hgdpo/``.
+"""
+
+if __name__ == "hgdpo":  # pragma: no cover - a test runner imported a checkout folder named "hgdpo" as a package
+    # Make the package the library (hgdpo/ inside this folder), keeping this folder on its path for the
+    # runner's own modules (hgdpo.tests...).
+    import os as _os
+
+    __path__.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "hgdpo"))
+    with open(_os.path.join(__path__[0], "__init__.py"), encoding="utf-8") as _library:
+        exec(compile(_library.read(), _library.name, "exec"))  # noqa: S102
+
+
+async def comfy_entrypoint():
+    """The pack's ``ComfyExtension`` (called by ComfyUI's custom node loader)."""
+    from comfy_api.v0_0_2 import ComfyExtension
+
+    from .nodes import node_list
+
+    class HGDPOExtension(ComfyExtension):
+        async def get_node_list(self):
+            return node_list()
+
+    return HGDPOExtension()

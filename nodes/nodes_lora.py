@@ -1,0 +1,83 @@
+"""HG-DPO LoRA: the LoRA from ``models/loras`` at a weight (0.5 by default, the paper's setting).
+
+It is ComfyUI's own LoRA loading (``comfy.sd.load_lora_for_models``: weight patches on a clone of the
+ModelPatcher), so it composes with other LoRA nodes, hooks and samplers. Before patching it checks the file
+with :func:`hgdpo.lora_runtime.lora_from_state_dict` (a LoRA for SDXL, SD2, a DiT... is refused with the
+architecture it names) and against the model (every UNet module must map onto it), so a wrong file gives
+a clear error instead of ComfyUI's "lora key not loaded" lines.
+"""
+
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+CATEGORY = "HG-DPO"
+DEFAULT_STRENGTH = 0.5
+
+
+def _unet_fit(model, lora_name: str, unet_modules: dict) -> None:
+    """Refuse a LoRA whose UNet modules do not all map onto ``model`` (ComfyUI's own key map) with fitting shapes."""
+    import comfy.lora
+
+    family = type(model.model.model_config).__name__
+    advice = "HG-DPO LoRAs are made for SD1.5-family checkpoints; load the checkpoint the LoRA was trained on."
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    unknown = [name for name in unet_modules if name not in key_map]
+    if unknown:
+        raise ValueError(
+            f"{lora_name} does not fit this {family} model: {len(unknown)} of {len(unet_modules)} UNet modules are "
+            f"unknown to it (e.g. {unknown[0]}). {advice}"
+        )
+    weights = model.model.state_dict()
+    for name, module in unet_modules.items():
+        weight = weights[key_map[name]]
+        if module.up.shape[0] != weight.shape[0] or module.down.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"{lora_name} does not fit this {family} model: module {name} maps {module.down.shape[1]} to "
+                f"{module.up.shape[0]} features, the model's layer {weight.shape[1]} to {weight.shape[0]}. {advice}"
+            )
+
+
+class HGDPOLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HGDPOLoraLoader",
+            display_name="HG-DPO LoRA",
+            category=CATEGORY,
+            description="Applies an HG-DPO LoRA (from models/loras) at the given weight; 0.5 is the paper's "
+                        "setting (higher: more natural, less diverse). Uses ComfyUI's LoRA loading, so it "
+                        "composes with other LoRA nodes.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="An HG-DPO LoRA .safetensors file in models/loras."),
+                io.Float.Input("strength", default=DEFAULT_STRENGTH, min=0.0, max=2.0, step=0.05,
+                               display_mode=io.NumberDisplay.slider,
+                               tooltip="LoRA weight on the UNet (and on CLIP when connected); the paper uses 0.5."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Connect to apply the LoRA's text-encoder part too (HG-DPO LoRAs have none)."),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength, clip=None) -> io.NodeOutput:
+        import comfy.sd
+        import comfy.utils
+
+        from hgdpo.lora_runtime import TEXT_ENCODER_PREFIX, UNET_PREFIX, lora_from_state_dict
+
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"{lora_name}: HG-DPO LoRAs are .safetensors files (pickled files can carry code).")
+        state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+        lora = lora_from_state_dict(state_dict, metadata or {}, lora_name)  # refuses other architectures
+        _unet_fit(model, lora_name, {UNET_PREFIX + name: module for name, module in lora.unet.items()})
+        if strength == 0.0:
+            return io.NodeOutput(model, clip)
+        if clip is None:  # the text-encoder part needs CLIP: leave it out rather than log it as "not loaded"
+            state_dict = {key: value for key, value in state_dict.items() if not key.startswith(TEXT_ENCODER_PREFIX)}
+        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, state_dict, strength, strength)
+        return io.NodeOutput(new_model, new_clip)

@@ -1,0 +1,388 @@
+"""Node-level tests of the ComfyUI pack with a real ComfyUI imported in this process.
+
+Run with the python that has ComfyUI's requirements and ``HGDPO_COMFYUI_DIR`` set (see
+``tests/test_comfyui_support.py``); skipped otherwise. The model is a random-weight SD1.5 that ComfyUI
+detects as SD15 (full CLIP-L and VAE, a two-level UNet), saved as a single file; the LoRA is written by
+hgdpo's kohya writer with random weights. Everything runs on the CPU at 64x64 pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+import logging
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests import test_comfyui_support as support
+
+SAMPLERS = [("euler", "normal"), ("euler_ancestral", "karras"), ("dpmpp_2m", "karras"), ("dpmpp_2m_sde", "karras"),
+            ("ddim", "normal"), ("heun", "normal")]
+COMFY_REQUIREMENTS = ("torchsde", "einops", "aiohttp", "yaml", "scipy", "av")
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory, tiny_clip_dirs):
+    """ComfyUI (CPU) with the pack loaded by its own custom-node loader, a slim SD1.5 checkpoint and a LoRA."""
+    path = support.comfy_dir()
+    missing = [name for name in COMFY_REQUIREMENTS if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"This python lacks ComfyUI's requirements ({', '.join(missing)}): run these tests with "
+                    f"${support.PYTHON_VARIABLE} -m pytest.")
+    torch.manual_seed(0)
+    assets = tmp_path_factory.mktemp("comfy-assets")
+    checkpoint, lora = support.write_checkpoint(assets, support.slim_sd15_configs())
+    base = support.comfy_base(tmp_path_factory.mktemp("comfy-base"), checkpoint, lora, tiny_clip_dirs)
+    support.save_sdxl_lora(base / "models/loras/sdxl_lora.safetensors")
+    support.save_sd2_shaped_lora(base / "models/loras/sd2_lora.safetensors")
+    support.save_slim_sd2_unet(base / "models/diffusion_models/sd2_unet.safetensors")
+
+    sys.path.insert(0, str(path))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.base_directory = str(base)
+    import folder_paths
+
+    import nodes
+
+    folder_paths.set_output_directory(str(base / "output"))
+    assert asyncio.run(nodes.load_custom_node(str(base / "custom_nodes" / support.PACK_NAME)))
+    import comfy.model_management
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+    from comfy_extras import nodes_custom_sampler
+
+    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(support.CHECKPOINT)[:3]
+    positive = nodes.CLIPTextEncode().encode(clip, "a woman singing on the stage")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "lowres, bad anatomy")[0]
+    node = nodes.NODE_CLASS_MAPPINGS
+    dpo = node["HGDPOLoraLoader"].execute(model=model, lora_name=support.LORA, strength=0.5).args[0]
+    return SimpleNamespace(
+        path=path, base=base, checkpoint=checkpoint, lora=lora, nodes=nodes, node=node, folder_paths=folder_paths,
+        samplers=comfy.samplers, sd=comfy.sd, utils=comfy.utils, mm=comfy.model_management,
+        custom=nodes_custom_sampler, model=model, clip=clip, vae=vae, positive=positive, negative=negative, dpo=dpo,
+        latent=nodes.EmptyLatentImage().generate(64, 64, 2)[0], clip_dirs=tiny_clip_dirs,
+    )
+
+
+def lan_ksampler(comfy, model=None, sft_model=None, sampler="dpmpp_2m", scheduler="karras", steps=4, seed=3,
+                 latent=None, denoise=1.0, strength=1.0):
+    result = comfy.node["HGDPOLANKSampler"].execute(
+        model=comfy.dpo if model is None else model, sft_model=comfy.model if sft_model is None else sft_model,
+        seed=seed, steps=steps, cfg=5.0, sampler_name=sampler, scheduler=scheduler, positive=comfy.positive,
+        negative=comfy.negative, latent_image=comfy.latent if latent is None else latent, denoise=denoise,
+        lan_strength=strength)
+    return result.args[0]["samples"], result.args[1]["samples"]
+
+
+def ksampler(comfy, model, sampler="dpmpp_2m", scheduler="karras", steps=4, seed=3, latent=None, denoise=1.0):
+    return comfy.nodes.KSampler().sample(model, seed, steps, 5.0, sampler, scheduler, comfy.positive, comfy.negative,
+                                         comfy.latent if latent is None else latent, denoise=denoise)[0]["samples"]
+
+
+def assert_same_statistics(dpo, sft):
+    """Per-sample, per-channel mean and std over (H, W) agree (LAN's Eq. 7 target)."""
+    scale = sft.float().std(dim=(2, 3)).max().item()
+    dims = tuple(range(2, dpo.dim()))
+    torch.testing.assert_close(dpo.float().mean(dims), sft.float().mean(dims), atol=1e-4 * scale, rtol=0)
+    torch.testing.assert_close(dpo.float().std(dims), sft.float().std(dims), atol=1e-4 * scale, rtol=1e-5)
+
+
+def relative(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# --------------------------------------------------------------------------- registration, checkpoint, LoRA
+
+
+def test_pack_registers_its_v3_nodes(comfy):
+    for node_id in support.NODE_IDS:
+        assert node_id in comfy.node, node_id
+        assert comfy.node[node_id].RELATIVE_PYTHON_MODULE == f"custom_nodes.{support.PACK_NAME}"
+    info = {node_id: comfy.node[node_id].GET_NODE_INFO_V1() for node_id in support.NODE_IDS}
+    strength = info["HGDPOLoraLoader"]["input"]["required"]["strength"][1]
+    assert strength["default"] == 0.5 and strength["display"] == "slider"
+    assert info["HGDPOLoraLoader"]["input"]["required"]["lora_name"][1]["options"] == sorted(
+        comfy.folder_paths.get_filename_list("loras"))
+    sampler_names = info["HGDPOLANKSampler"]["input"]["required"]["sampler_name"][1]["options"]
+    assert {"euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "ddim"} <= set(sampler_names)
+    assert "uni_pc" not in sampler_names
+    assert {"normal", "karras"} <= set(info["HGDPOLANKSampler"]["input"]["required"]["scheduler"][1]["options"])
+    assert info["HGDPOLANKSampler"]["output_name"] == ["LATENT", "sft_latent"]
+    assert info["HGDPOLANGuider"]["output"] == ["GUIDER"]
+    assert info["HGDPOPickScoreBestOfN"]["output_is_list"] == [False, False, True]
+    assert comfy.folder_paths.get_folder_paths("pickscore")[0] == str(comfy.base / "models" / "pickscore")
+
+
+def test_checkpoint_has_no_nan_and_comfyui_loads_its_text_encoder(comfy):
+    """The pitfall: a CLIP saved without ``text_model.`` stays uninitialised in ComfyUI (NaN, black images)."""
+    from safetensors import safe_open
+
+    support.assert_finite_file(comfy.checkpoint)
+    loaded = comfy.clip.cond_stage_model.state_dict()
+    key = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    with safe_open(str(comfy.checkpoint), framework="pt") as handle:
+        saved = handle.get_tensor("cond_stage_model.transformer." + key)
+    torch.testing.assert_close(loaded["clip_l.transformer." + key].float(), saved.float())
+    assert torch.isfinite(comfy.positive[0][0]).all() and comfy.positive[0][0].std() > 0.1
+
+
+def test_lora_node_patches_every_module_through_comfyui(comfy, caplog):
+    from hgdpo.lora_runtime import read_lora
+
+    modules = read_lora(comfy.lora).unet
+    with caplog.at_level(logging.WARNING):
+        dpo = comfy.node["HGDPOLoraLoader"].execute(model=comfy.model, lora_name=support.LORA, strength=0.5).args[0]
+        stacked = comfy.node["HGDPOLoraLoader"].execute(model=dpo, lora_name=support.LORA, strength=0.25).args[0]
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
+    assert len(dpo.patches) == len(modules) and not comfy.model.patches  # a clone; the input stays as it was
+    assert {patch[0] for patches in dpo.patches.values() for patch in patches} == {0.5}
+    assert all(len(patches) == 2 for patches in stacked.patches.values())  # composes like LoraLoader
+    same, clip = comfy.node["HGDPOLoraLoader"].execute(model=comfy.model, lora_name=support.LORA, strength=0.0,
+                                                       clip=comfy.clip).args
+    assert same is comfy.model and clip is comfy.clip
+    assert relative(ksampler(comfy, dpo, steps=2), ksampler(comfy, comfy.model, steps=2)) > 1e-2
+
+
+def test_lora_node_refuses_loras_of_other_architectures(comfy):
+    from hgdpo.lora_runtime import LoRAArchitectureError
+
+    loader = comfy.node["HGDPOLoraLoader"]
+    with pytest.raises(LoRAArchitectureError, match="SDXL"):
+        loader.execute(model=comfy.model, lora_name="sdxl_lora.safetensors", strength=0.5)
+    with pytest.raises(ValueError, match="does not fit this SD15 model.*1024"):
+        loader.execute(model=comfy.model, lora_name="sd2_lora.safetensors", strength=0.5)
+
+
+# --------------------------------------------------------------------------- LAN
+
+
+def recording_sampler(comfy, name, states):
+    """ComfyUI's sampler ``name``, recording the latent of every model evaluation (after LAN touched it)."""
+    inner = comfy.samplers.sampler_object(name)
+    function = inner.sampler_function
+
+    class Recorder:
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, x, sigma, **kwargs):
+            out = self.model(x, sigma, **kwargs)
+            states.append(x.detach().clone())
+            return out
+
+        def __getattr__(self, item):
+            return getattr(self.model, item)
+
+    @functools.wraps(function)
+    def recording(model, x, sigmas, *args, **kwargs):
+        return function(Recorder(model), x, sigmas, *args, **kwargs)
+
+    return comfy.samplers.KSAMPLER(recording, inner.extra_options, inner.inpaint_options)
+
+
+@pytest.mark.parametrize(("sampler", "scheduler"), SAMPLERS)
+def test_lan_guider_matches_statistics_after_every_step(comfy, sampler, scheduler):
+    """SamplerCustomAdvanced + LAN Guider: at every evaluation the DPO half has the SFT half's channel statistics,
+    the SFT half is exactly the stock sampler's result (same noise draws), and the DPO result differs."""
+    steps, batch = 4, comfy.latent["samples"].shape[0]
+    guider = comfy.node["HGDPOLANGuider"].execute(model=comfy.dpo, sft_model=comfy.model, positive=comfy.positive,
+                                                  negative=comfy.negative, cfg=5.0, lan_strength=1.0).args[0]
+    states = []
+    sigmas = comfy.custom.BasicScheduler().get_sigmas(comfy.model, scheduler, steps, 1.0)[0]
+    noise = comfy.custom.RandomNoise().get_noise(3)[0]
+    output, denoised = comfy.custom.SamplerCustomAdvanced().sample(
+        noise, guider, recording_sampler(comfy, sampler, states), sigmas, comfy.latent)
+    evaluations_per_step = 2 if sampler == "heun" else 1
+    assert len(states) >= steps * evaluations_per_step - 1 and all(s.shape[0] == 2 * batch for s in states)
+    for state in states:
+        assert_same_statistics(state[batch:], state[:batch])
+    dpo, sft = output["samples"], guider.sft_samples
+    assert dpo.shape == comfy.latent["samples"].shape and denoised["samples"].shape == dpo.shape
+    assert_same_statistics(dpo, sft)
+    stock = comfy.custom.SamplerCustomAdvanced().sample(
+        noise, comfy.custom.CFGGuider().get_guider(comfy.model, comfy.positive, comfy.negative, 5.0)[0],
+        comfy.samplers.sampler_object(sampler), sigmas, comfy.latent)[0]["samples"]
+    assert relative(sft, stock) < 1e-4
+    assert relative(dpo, sft) > 1e-2
+
+
+def test_lan_ksampler_equals_the_guider_path_and_keeps_the_sft_chain(comfy):
+    dpo, sft = lan_ksampler(comfy, sampler="euler_ancestral", scheduler="normal")
+    guider = comfy.node["HGDPOLANGuider"].execute(model=comfy.dpo, sft_model=comfy.model, positive=comfy.positive,
+                                                  negative=comfy.negative, cfg=5.0, lan_strength=1.0).args[0]
+    sigmas = comfy.custom.BasicScheduler().get_sigmas(comfy.model, "normal", 4, 1.0)[0]
+    output = comfy.custom.SamplerCustomAdvanced().sample(comfy.custom.RandomNoise().get_noise(3)[0], guider,
+                                                          comfy.samplers.sampler_object("euler_ancestral"), sigmas,
+                                                          comfy.latent)[0]["samples"]
+    torch.testing.assert_close(dpo, output)
+    torch.testing.assert_close(sft, ksampler(comfy, comfy.model, "euler_ancestral", "normal"), rtol=1e-4, atol=1e-3)
+    plain = ksampler(comfy, comfy.dpo, "euler_ancestral", "normal")
+    assert relative(dpo, plain) > 1e-3  # LAN changed the DPO result
+
+
+def test_lan_with_the_sft_model_as_dpo_model_is_plain_sampling(comfy):
+    dpo, sft = lan_ksampler(comfy, model=comfy.model, sampler="dpmpp_2m_sde")
+    torch.testing.assert_close(dpo, sft, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sft, ksampler(comfy, comfy.model, "dpmpp_2m_sde"), rtol=1e-4, atol=1e-3)
+    weak, _ = lan_ksampler(comfy, sampler="dpmpp_2m_sde", strength=0.0)  # strength 0: the DPO model's own result
+    torch.testing.assert_close(weak, ksampler(comfy, comfy.dpo, "dpmpp_2m_sde"), rtol=1e-4, atol=1e-3)
+
+
+def test_shared_weights_path_loads_one_copy_patches_nothing_and_equals_two_checkpoints(comfy, monkeypatch):
+    """DPO = SFT + LoRA from one loader: one UNet in memory, no weight (re)patching while sampling, and the same
+    result as the DPO loaded from its own checkpoint (weights merged by ComfyUI, two models in lockstep)."""
+    from comfy.model_patcher import ModelPatcher
+
+    lan_ksampler(comfy, steps=1)  # load the SFT variant once
+    patched = []
+    original = ModelPatcher.patch_weight_to_device
+
+    def counting(self, key, *args, **kwargs):
+        patched.append(key)
+        return original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(ModelPatcher, "patch_weight_to_device", counting)
+    shared, shared_sft = lan_ksampler(comfy)
+    assert patched == []
+    unets = [loaded for loaded in comfy.mm.current_loaded_models if loaded.model.model is comfy.model.model]
+    assert len(unets) == 1 and not unets[0].model.patches  # the SFT variant, no LoRA merged in
+    monkeypatch.undo()
+    for hooks in (module._forward_hooks for module in comfy.model.model.modules()):
+        assert not hooks  # the functional LoRA is gone after sampling
+
+    second = comfy.sd.load_checkpoint_guess_config(str(comfy.checkpoint), output_vae=False, output_clip=False)[0]
+    dpo_checkpoint = comfy.node["HGDPOLoraLoader"].execute(model=second, lora_name=support.LORA,
+                                                           strength=0.5).args[0]
+    separate, separate_sft = lan_ksampler(comfy, model=dpo_checkpoint)
+    torch.testing.assert_close(separate_sft, shared_sft)
+    assert relative(separate, shared) < 1e-4
+
+
+def test_img2img_and_masks(comfy):
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    latent = comfy.nodes.VAEEncode().encode(comfy.vae, image)[0]
+    dpo, sft = lan_ksampler(comfy, latent=latent, denoise=0.6, sampler="euler", scheduler="normal", steps=5)
+    assert_same_statistics(dpo, sft)
+    torch.testing.assert_close(sft, ksampler(comfy, comfy.model, "euler", "normal", steps=5, latent=latent,
+                                             denoise=0.6), rtol=1e-4, atol=1e-3)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, 32:] = 1.0
+    masked = comfy.nodes.SetLatentNoiseMask().set_mask(latent, mask)[0]
+    dpo, sft = lan_ksampler(comfy, latent=masked, denoise=0.8, sampler="ddim", scheduler="normal")
+    torch.testing.assert_close(sft, ksampler(comfy, comfy.model, "ddim", "normal", latent=masked, denoise=0.8),
+                               rtol=1e-4, atol=1e-3)
+    assert torch.isfinite(dpo).all()
+
+
+def test_previews_progress_and_interrupt(comfy):
+    """The callback (previews, progress bar) sees the DPO half; an interrupt stops sampling and leaves no hook."""
+    guider = comfy.node["HGDPOLANGuider"].execute(model=comfy.dpo, sft_model=comfy.model, positive=comfy.positive,
+                                                  negative=comfy.negative, cfg=5.0, lan_strength=1.0).args[0]
+    sigmas = comfy.custom.BasicScheduler().get_sigmas(comfy.model, "karras", 4, 1.0)[0]
+    noise = comfy.custom.RandomNoise().get_noise(3)[0].generate_noise(comfy.latent)
+    seen = []
+    guider.sample(noise, comfy.latent["samples"], comfy.samplers.sampler_object("euler"), sigmas,
+                  callback=lambda step, x0, x, total: seen.append((step, x0.shape[0], x.shape[0], total)))
+    assert seen == [(step, 2, 2, 4) for step in range(4)]
+
+    progress = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        progress.append(value)
+        if value == 2:
+            comfy.mm.interrupt_current_processing(True)
+        comfy.mm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.mm.InterruptProcessingException):
+            lan_ksampler(comfy, steps=6)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.mm.interrupt_current_processing(False)
+    assert progress == [1, 2]
+    assert not any(module._forward_hooks for module in comfy.model.model.modules())
+    lan_ksampler(comfy, steps=1)  # and the next run works
+
+
+def test_lan_refuses_models_of_another_family_and_unsupported_samplers(comfy):
+    sd2 = comfy.nodes.UNETLoader().load_unet("sd2_unet.safetensors", "default")[0]
+    assert type(sd2.model.model_config).__name__ == "SD20"
+    with pytest.raises(ValueError, match="DPO model .* is SD15 with 4 latent channels, the SFT model .* is SD20"):
+        lan_ksampler(comfy, sft_model=sd2)
+    with pytest.raises(ValueError, match="SFT model has weight patches the DPO model lacks"):
+        lan_ksampler(comfy, model=comfy.model, sft_model=comfy.dpo)  # the two inputs swapped
+    guider = comfy.node["HGDPOLANGuider"].execute(model=comfy.dpo, sft_model=comfy.model, positive=comfy.positive,
+                                                  negative=comfy.negative, cfg=5.0, lan_strength=1.0).args[0]
+    sigmas = comfy.custom.BasicScheduler().get_sigmas(comfy.model, "karras", 2, 1.0)[0]
+    with pytest.raises(ValueError, match="sample_unipc is not supported by LAN"):
+        comfy.custom.SamplerCustomAdvanced().sample(comfy.custom.RandomNoise().get_noise(0)[0], guider,
+                                                    comfy.samplers.sampler_object("uni_pc"), sigmas, comfy.latent)
+
+
+# --------------------------------------------------------------------------- PickScore
+
+
+def images(count=4, size=48):
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(count, size, size, 3, generator=generator)
+
+
+def test_pickscore_best_of_n_ranks_by_the_reference_scores(comfy):
+    from PIL import Image
+
+    from hgdpo.scorers import PickScoreScorer
+
+    loader = comfy.node["HGDPOPickScoreLoader"]
+    options = loader.GET_NODE_INFO_V1()["input"]["required"]["model"][1]["options"]
+    assert options[0] == "yuvalkirstain/PickScore_v1" and support.PICKSCORE_MODEL in options
+    pickscore = loader.execute(model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                               precision="auto").args[0]  # the hub ids resolve to models/pickscore/<name>
+    batch = images()
+    prompt = "a woman singing on the stage"
+    result = comfy.node["HGDPOPickScoreBestOfN"].execute(pickscore=pickscore, images=batch, prompt=prompt)
+    best, ranked, scores = result.args
+    reference = PickScoreScorer(model=comfy.clip_dirs["model"], processor=comfy.clip_dirs["processor"])
+    pixels = [Image.fromarray((frame * 255).round().to(torch.uint8).numpy()) for frame in batch]
+    expected = reference.score([prompt] * len(pixels), pixels)
+    order = torch.argsort(expected, descending=True, stable=True)
+    assert scores == pytest.approx(expected[order].tolist(), rel=1e-5)  # raw values, not softmaxed
+    torch.testing.assert_close(ranked, batch[order])
+    torch.testing.assert_close(best, batch[order[:1]])
+    assert result.ui is not None
+    assert any(loaded.model is pickscore.patcher for loaded in comfy.mm.current_loaded_models)
+    comfy.mm.unload_all_models()  # ComfyUI offloads it under memory pressure; it loads again to score
+    again = comfy.node["HGDPOPickScoreBestOfN"].execute(pickscore=pickscore, images=batch, prompt=prompt).args[2]
+    assert again == pytest.approx(scores, rel=1e-5)
+
+
+def test_missing_pickscore_weights_name_the_folder_and_the_download_command(comfy, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loader = comfy.node["HGDPOPickScoreLoader"]
+    folder = str(comfy.base / "models" / "pickscore")
+    from hgdpo.scorers import ScorerWeightsError
+
+    with pytest.raises(ScorerWeightsError) as raised:
+        loader.execute(model="yuvalkirstain/PickScore_v1", processor="laion/not-downloaded-processor",
+                       precision="fp32")
+    message = str(raised.value)
+    assert folder in message and "huggingface-cli download yuvalkirstain/PickScore_v1" in message
+    assert f"--local-dir {folder}/PickScore_v1" in message and "hf download" in message
+    empty = comfy.base / "models" / "pickscore" / "empty"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(ScorerWeightsError, match="config.json is missing"):
+        loader.execute(model="empty", processor=support.PICKSCORE_PROCESSOR, precision="fp32")
+
+
+def test_best_of_n_refuses_an_empty_batch(comfy):
+    pickscore = comfy.node["HGDPOPickScoreLoader"].execute(
+        model=support.PICKSCORE_MODEL, processor=support.PICKSCORE_PROCESSOR, precision="fp32").args[0]
+    with pytest.raises(ValueError, match="empty batch"):
+        comfy.node["HGDPOPickScoreBestOfN"].execute(pickscore=pickscore, images=torch.zeros(0, 48, 48, 3), prompt="x")
