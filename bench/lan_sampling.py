@@ -81,28 +81,29 @@ def build_models(args, variants: tuple[str, ...]):
     from tests.sd15_factory import save_random_lora
 
     configs = sd15_configs() if args.arch == "sd15" else tiny_sd15_configs()
-    folder = Path(tempfile.mkdtemp(prefix="lan-bench-"))
-    models = build(configs, seed=0)
-    model_dir = save_diffusers_folder(models, configs, folder / "model")
-    lora = save_random_lora(models["unet"], folder / "hgdpo.safetensors", std=0.02)
-    del models
-    gc.collect()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    sft = load_sd15(model_dir)
     built: dict[str, object] = {}
-    if {"plain", "lan_fast", "lan_2fwd"} & set(variants):
-        built["generator"] = ImageGenerator(sft, lora=lora, device=device, dtype=dtype)
-    if "lan_2unet" in variants:
-        built["two_unets"] = ImageGenerator(sft, lora=lora, dpo_components=load_sd15(model_dir), device=device,
-                                            dtype=dtype)
-    if "diffusers" in variants:
-        own = copy.copy(sft)
-        own.unet = copy.deepcopy(sft.unet)
-        pipeline = own.pipeline(scheduler=make_scheduler(sft.noise_scheduler.config)).to(device, dtype)
-        pipeline.load_lora_weights(str(lora))
-        pipeline.fuse_lora(lora_scale=args.lora_weight)
-        pipeline.set_progress_bar_config(disable=True)
-        built["pipeline"] = pipeline
+    with tempfile.TemporaryDirectory(prefix="lan-bench-") as tmp:  # everything is read into memory below
+        folder = Path(tmp)
+        models = build(configs, seed=0)
+        model_dir = save_diffusers_folder(models, configs, folder / "model")
+        lora = save_random_lora(models["unet"], folder / "hgdpo.safetensors", std=0.02)
+        del models
+        gc.collect()
+        sft = load_sd15(model_dir)
+        if {"plain", "lan_fast", "lan_2fwd"} & set(variants):
+            built["generator"] = ImageGenerator(sft, lora=lora, device=device, dtype=dtype)
+        if "lan_2unet" in variants:
+            built["two_unets"] = ImageGenerator(sft, lora=lora, dpo_components=load_sd15(model_dir), device=device,
+                                                dtype=dtype)
+        if "diffusers" in variants:
+            own = copy.copy(sft)
+            own.unet = copy.deepcopy(sft.unet)
+            pipeline = own.pipeline(scheduler=make_scheduler(sft.noise_scheduler.config)).to(device, dtype)
+            pipeline.load_lora_weights(str(lora))
+            pipeline.fuse_lora(lora_scale=args.lora_weight)
+            pipeline.set_progress_bar_config(disable=True)
+            built["pipeline"] = pipeline
     return built
 
 
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                             if "peak_bytes" in value},
         "memory": memory,
     }
-    output = Path(args.output or Path(__file__).parent / "results" / f"lan-{args.device}-{args.arch}-{args.resolution}.json")
+    default_output = Path(__file__).parent / "results" / f"lan-{args.device}-{args.arch}-{args.resolution}.json"
+    output = Path(args.output or default_output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=2))
     print(json.dumps({key: summary[key] for key in ("seconds_median", "ratios", "peak_memory_mib")}, indent=2))

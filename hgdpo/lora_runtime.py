@@ -28,10 +28,12 @@ _PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.
                   ".lora.up.weight": "up", ".alpha": "alpha"}
 _PEFT_PREFIXES = {"unet.": UNET_PREFIX, "text_encoder.": TEXT_ENCODER_PREFIX}
 _UNSUPPORTED_MARKERS = {
-    "hada_w1_a": "LyCORIS LoHa", "lokr_w1": "LyCORIS LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon with CP decomposition",
+    "hada_w1_a": "LyCORIS LoHa", "lokr_w1": "LyCORIS LoKr", "dora_scale": "DoRA",
+    "lora_mid": "LoCon with CP decomposition",
     "oft_blocks": "OFT", "diff_b": "full weight difference",
 }
-_FOREIGN_PREFIXES = {"lora_te1_": "SDXL", "lora_te2_": "SDXL", "lora_te3_": "SD3", "lora_transformer_": "a DiT model (SD3/Flux)",
+_FOREIGN_PREFIXES = {"lora_te1_": "SDXL", "lora_te2_": "SDXL", "lora_te3_": "SD3",
+                     "lora_transformer_": "a DiT model (SD3/Flux)",
                      "transformer.": "a DiT model (SD3/Flux)", "diffusion_model.double_blocks": "Flux"}
 SD1_CROSS_ATTENTION_WIDTH = 768
 _CROSS_ATTENTION_FAMILIES = {1024: "SD2.x", 2048: "SDXL", 1280: "SDXL (refiner)"}
@@ -150,7 +152,8 @@ def lora_from_state_dict(state_dict: Mapping[str, torch.Tensor], metadata: Mappi
     modules = {}
     for name, tensors in parts.items():
         if "down" not in tensors or "up" not in tensors:
-            raise LoRAArchitectureError(f"{label}: module {name} lacks its {'up' if 'down' in tensors else 'down'} weight.")
+            missing = "up" if "down" in tensors else "down"
+            raise LoRAArchitectureError(f"{label}: module {name} lacks its {missing} weight.")
         alpha = tensors.get("alpha")
         modules[name] = LoRAModule(tensors["down"], tensors["up"], None if alpha is None else float(alpha))
     return LoRAFile(modules=modules, metadata=metadata, path=path)
@@ -196,7 +199,8 @@ def _check_shape(name: str, weights: LoRAModule, module: nn.Module, label: str) 
         expected_down = (weights.rank, module.in_channels, *weights.down.shape[2:])
         expected_up = (module.out_channels, weights.rank, 1, 1)
     if tuple(weights.down.shape[:2]) != expected_down[:2] or tuple(weights.up.shape[:2]) != expected_up[:2]:
-        width = _CROSS_ATTENTION_FAMILIES.get(weights.down.shape[1]) if name.endswith(("attn2_to_k", "attn2_to_v")) else None
+        cross_attention = name.endswith(("attn2_to_k", "attn2_to_v"))
+        width = _CROSS_ATTENTION_FAMILIES.get(weights.down.shape[1]) if cross_attention else None
         hint = f" It looks like a LoRA for {width}." if width else ""
         raise LoRAArchitectureError(
             f"{label}: module {name} has shapes down {tuple(weights.down.shape)} / up {tuple(weights.up.shape)}, "
@@ -212,8 +216,8 @@ class FunctionalLoRA:
     half of a batch and the LoRA model on the second half in one forward.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], lora: Mapping[str, LoRAModule], scale: float | torch.Tensor = 1.0,
-                 label: str = "The LoRA") -> None:
+    def __init__(self, modules: Mapping[str, nn.Module], lora: Mapping[str, LoRAModule],
+                 scale: float | torch.Tensor = 1.0, label: str = "The LoRA") -> None:
         unknown = set(lora) - set(modules)
         if unknown:
             raise LoRAArchitectureError(_describe_mismatch(dict(lora), modules, label))
@@ -238,6 +242,9 @@ class FunctionalLoRA:
                 return F.linear(F.linear(x, down), up)
 
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            nonlocal down, up
+            if down.device != inputs[0].device or down.dtype != inputs[0].dtype:  # offloaded or fp8-stored layers
+                down, up = (weight.to(inputs[0].device, inputs[0].dtype) for weight in (down, up))
             scale = self.scale
             if isinstance(scale, torch.Tensor):
                 scale = scale.to(output.device, output.dtype).reshape(-1, *([1] * (output.dim() - 1)))
