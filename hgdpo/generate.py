@@ -168,9 +168,10 @@ def run_generate_job(job: GenerateJob, show_progress: bool = True) -> list[Path]
             for k, (index, prompt, seed) in enumerate(batch):
                 save(output.images[k], f"{index:05d}-{seed}.png", prompt, seed)
                 if job.save_sft:
-                    sft_parameters = replace(job, lora=None, config=replace(job.config, lan_strength=0.0))
-                    written.append(infotext.save_png(output.sft_images[k], job.output_dir / f"{index:05d}-{seed}-sft.png",
-                                                     _parameters(sft_parameters, prompt, seed, model_hash, None, None)))
+                    sft_job = replace(job, lora=None, config=replace(job.config, lan_strength=0.0))
+                    sft_path = job.output_dir / f"{index:05d}-{seed}-sft.png"
+                    parameters = _parameters(sft_job, prompt, seed, model_hash, None, None)
+                    written.append(infotext.save_png(output.sft_images[k], sft_path, parameters))
         return written
     for index, prompt, seed in tqdm(items, desc="images", disable=not show_progress):
         ranked = best_of_n(generator, prompt, seed, job.best_of, scorer, job.config, job.batch_size, show_progress)

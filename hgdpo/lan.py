@@ -65,6 +65,8 @@ def latent_adaptive_normalization(
 def normalize_stacked(latents: torch.Tensor, strength: float = 1.0, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """LAN on a lockstep batch ``[x_sft; x_dpo]`` (SFT half first): the DPO half renormalised."""
     if latents.shape[0] % 2:
-        raise ValueError(f"A lockstep batch stacks SFT and DPO latents, so its size must be even, got {latents.shape[0]}.")
+        raise ValueError(
+            f"A lockstep batch stacks SFT and DPO latents, so its size must be even, got {latents.shape[0]}."
+        )
     sft, dpo = latents.chunk(2)
     return torch.cat([sft, latent_adaptive_normalization(dpo, sft, strength, eps)])

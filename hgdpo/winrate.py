@@ -32,7 +32,8 @@ class WinRate:
         return {**asdict(self), "count": self.count}
 
 
-def outcomes_from_scores(candidate: Sequence[float], baseline: Sequence[float], tie_tolerance: float = 0.0) -> np.ndarray:
+def outcomes_from_scores(candidate: Sequence[float], baseline: Sequence[float],
+                         tie_tolerance: float = 0.0) -> np.ndarray:
     """Per-pair outcomes 1 / 0.5 / 0 from two aligned score lists (ties within ``tie_tolerance``)."""
     candidate_scores = np.asarray(candidate, dtype=np.float64)
     baseline_scores = np.asarray(baseline, dtype=np.float64)
