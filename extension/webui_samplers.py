@@ -1,0 +1,242 @@
+"""The LAN samplers of the WebUI sampler dropdown ("DPM++ 2M (HG-DPO LAN)", ...). Imports ``modules.*``.
+
+Registration: for each sampler of :data:`extension.settings.LAN_BASE_SAMPLERS` that the WebUI has, a
+``SamplerData`` named ``"<base> (HG-DPO LAN)"`` (same k-diffusion function, same options, so the same
+default scheduler) is appended to ``sd_samplers.all_samplers``; ``set_samplers()`` then puts it in the
+txt2img/img2img/hires dropdowns, ``/sdapi/v1/samplers``, the X/Y/Z "Sampler" axis and the name lookup
+of the API and of pasted infotexts.
+
+Sampling (:class:`LANSampler`, a ``KDiffusionSampler``): the k-diffusion function runs on the lockstep
+batch ``[x; x]`` (:mod:`extension.lockstep`). :class:`LANDenoiser`, a ``CFGDenoiserKDiffusion``, gets
+that batch once per step, normalises the DPO half in place (LAN) and calls the WebUI's own
+``CFGDenoiser.forward`` twice: on the SFT half with the HG-DPO LoRA's scale at 0, then on the DPO half
+with the scale at the slider's weight. The LoRA is a functional one (forward hooks on the UNet's
+layers, :class:`extension.lora_hooks.FollowingLoRA`), attached once per generation and toggled per
+call: the weights are never merged or re-patched. ``CFGDenoiser.step`` is rewound between the two
+calls, so prompt editing, the step counter, NGMS and the progress bar see one step per sampler step;
+the live preview shows the DPO half. Text-encoder weights of the LoRA (if any) go into a second set of
+conditionings used by the DPO half only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+import k_diffusion.sampling
+from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, shared
+
+from hgdpo.ldm_names import ldm_unet_kohya_names
+from hgdpo.lora_runtime import LoRAArchitectureError, LoRAFile
+
+from . import lockstep, lora_files
+from . import settings as hs
+from . import webui_backend as backend
+from .lora_hooks import FollowingLoRA, clip_text_kohya_names
+
+SETTINGS_ATTRIBUTE = "hgdpo_settings"
+"""Attribute of the processing object where the HG-DPO script leaves the generation's settings."""
+DEFAULT_LORA_OPTION = "hgdpo_default_lora"
+
+
+class HGDPOError(RuntimeError):
+    """A problem the user can fix; its message is shown as is in the UI and in the API's error body."""
+
+
+def default_lora() -> str:
+    return str(shared.opts.data.get(DEFAULT_LORA_OPTION, "") or "")
+
+
+def generation_settings(p) -> hs.Settings:
+    """The settings the HG-DPO script resolved for ``p``, or the defaults (Settings > HG-DPO)."""
+    settings = getattr(p, SETTINGS_ATTRIBUTE, None)
+    if settings is None:
+        settings = hs.check(hs.Settings(lora=default_lora()))
+    if not settings.has_lora and default_lora():
+        settings = replace(settings, lora=default_lora())
+    return settings
+
+
+def resolve_lora(settings: hs.Settings) -> tuple[lora_files.LoRAEntry, LoRAFile]:
+    """The chosen LoRA file and its contents, or HGDPOError with a message naming the folder or the problem."""
+    try:
+        entry = lora_files.resolve(settings.lora if settings.has_lora else "", backend.lora_folder())
+        return entry, lora_files.load(entry.path)
+    except (FileNotFoundError, LoRAArchitectureError, ValueError) as error:
+        raise HGDPOError(str(error)) from error
+
+
+def check_model(sd_model) -> None:
+    problem = backend.model_family_problem(sd_model)
+    if problem:
+        raise HGDPOError(problem)
+
+
+_COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
+_COND_STATE = ("c", "uc", "hr_c", "hr_uc", "step_multiplier", "firstpass_steps", *_COND_CACHES)
+
+
+def _fresh_conditioning(p):
+    """``p``'s conditionings for the current pass computed again (hooks may be active), ``p`` left as it was.
+
+    Runs the WebUI's own ``p.setup_conds()`` (so prompt editing, AND, hires and Forge's variants are
+    exactly the WebUI's) with private caches, then puts every attribute it touched back.
+    """
+    saved = {name: getattr(p, name) for name in _COND_STATE if hasattr(p, name)}
+    saved_params = dict(p.extra_generation_params)
+    try:
+        for name in _COND_CACHES:
+            if name in saved:
+                setattr(p, name, [None, None])
+        p.setup_conds()
+        return p.get_conds()
+    finally:
+        for name, value in saved.items():
+            setattr(p, name, value)
+        p.extra_generation_params.clear()
+        p.extra_generation_params.update(saved_params)
+
+
+class _Session:
+    """One LAN generation (one ``sample``/``sample_img2img`` call): the hooked LoRA and the settings."""
+
+    def __init__(self, p, batch: int, settings: hs.Settings, entry: lora_files.LoRAEntry, lora: LoRAFile):
+        sd_model = shared.sd_model
+        check_model(sd_model)
+        self.batch = batch
+        self.weight = settings.weight
+        self.strength = settings.lan_strength
+        label = f"HG-DPO LoRA {entry.name!r}"
+        root = backend.unet(sd_model)
+        self.cond = self.uncond = None
+        self.unet_lora = FollowingLoRA(ldm_unet_kohya_names(root), lora.unet, 0.0, label,
+                                       compute_dtype=backend.unet_compute_dtype(sd_model))
+        try:
+            if lora.text_encoder:
+                self.cond, self.uncond = self._dpo_conditioning(p, sd_model, lora, label)
+        except BaseException:
+            self.unet_lora.remove()
+            raise
+
+    def _dpo_conditioning(self, p, sd_model, lora: LoRAFile, label: str):
+        encoder = backend.text_encoder(sd_model)
+        if encoder is None:
+            raise HGDPOError(f"{label} has text-encoder weights, but no CLIP text model was found in the loaded checkpoint.")
+        backend.prepare_text_encoder(sd_model)
+        hooks = FollowingLoRA(clip_text_kohya_names(encoder), lora.text_encoder, self.weight, label)
+        try:
+            return _fresh_conditioning(p)
+        finally:
+            hooks.remove()
+
+    def close(self) -> None:
+        self.unet_lora.remove()
+
+
+class LANDenoiser(sd_samplers_kdiffusion.CFGDenoiserKDiffusion):
+    """CFG denoiser of a LAN sampler: one lockstep step = LAN + the WebUI's CFG on each half."""
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        session: _Session | None = getattr(self.sampler, "session", None)
+        if session is None or x.shape[0] != 2 * session.batch:
+            raise HGDPOError("The HG-DPO LAN denoiser was called outside a LAN generation (an extension calling "
+                             "the sampler directly?); use a sampler without '(HG-DPO LAN)'.")
+        batch, step, init_latent = session.batch, self.step, self.init_latent
+        parent = super()
+
+        def model(x_half, sigma_half, dpo: bool):
+            self.step = step  # one step per lockstep call, whichever half runs
+            session.unet_lora.scale = session.weight if dpo else 0.0
+            half_cond = session.cond if dpo and session.cond is not None else cond
+            half_uncond = session.uncond if dpo and session.cond is not None else uncond
+            return parent.forward(x_half, sigma_half, half_uncond, half_cond, cond_scale, s_min_uncond, image_cond)
+
+        if init_latent is not None and init_latent.shape[0] == 2 * batch:
+            self.init_latent = init_latent[:batch]  # img2img: masks and blending see one chain
+        try:
+            return lockstep.evaluate(x, sigma, batch, session.strength, model)
+        finally:
+            session.unet_lora.scale = 0.0
+            self.init_latent = init_latent
+
+
+class LANSampler(sd_samplers_kdiffusion.KDiffusionSampler):
+    """A k-diffusion sampler running the SFT and the DPO chain in lockstep with LAN."""
+
+    def __init__(self, funcname, sd_model):
+        check_model(sd_model)
+        super().__init__(funcname, sd_model)
+        self.model_wrap_cfg = LANDenoiser(self)
+        self.model_wrap = self.model_wrap_cfg.inner_model
+        self.session: _Session | None = None
+
+    def initialize(self, p) -> dict:
+        extra_params = super().initialize(p)
+        # ancestral samplers draw noise through k_diffusion.sampling.torch.randn_like: same noise for both chains
+        k_diffusion.sampling.torch = lockstep.PairedRandn(p.rng.next, k_diffusion.sampling.torch)
+        return extra_params
+
+    def create_noise_sampler(self, x, sigmas, p):
+        half = x[: x.shape[0] // 2]
+        inner = super().create_noise_sampler(half, sigmas, p)
+        if inner is None:  # the WebUI's "no batch determinism" option: an unseeded tree, shared by both chains
+            sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
+            inner = k_diffusion.sampling.BrownianTreeNoiseSampler(half, sigma_min, sigma_max)
+        return lockstep.PairedNoiseSampler(inner)
+
+    @contextmanager
+    def _lockstep(self, p, batch: int) -> Iterator[_Session]:
+        settings = generation_settings(p)
+        entry, lora = resolve_lora(settings)
+        self.session = _Session(p, batch, settings, entry, lora)
+        try:
+            yield self.session
+        finally:
+            self.session.close()
+            self.session = None
+
+    def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        batch = x.shape[0]
+        with self._lockstep(p, batch) as session:
+            samples = super().sample(p, lockstep.paired(x), conditioning, unconditional_conditioning, steps=steps,
+                                     image_conditioning=image_conditioning)
+            return lockstep.dpo_result(samples, batch, session.strength)
+
+    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        batch = x.shape[0]
+        with self._lockstep(p, batch) as session:
+            samples = super().sample_img2img(p, lockstep.paired(x), lockstep.paired(noise), conditioning,
+                                             unconditional_conditioning, steps=steps, image_conditioning=image_conditioning)
+            return lockstep.dpo_result(samples, batch, session.strength)
+
+
+def _constructor(funcname):
+    return lambda model: LANSampler(funcname, model)
+
+
+def register() -> list[str]:
+    """Add the LAN samplers to the WebUI's sampler lists (idempotent); returns the names present."""
+    functions = {label: funcname for label, funcname, *_ in sd_samplers_kdiffusion.samplers_k_diffusion}
+    added, present = [], []
+    for base in hs.LAN_BASE_SAMPLERS:
+        data = sd_samplers.all_samplers_map.get(base)
+        funcname = functions.get(base)
+        if data is None or funcname is None or not (callable(funcname) or hasattr(k_diffusion.sampling, funcname)):
+            continue
+        name = hs.lan_sampler_name(base)
+        present.append(name)
+        if name in sd_samplers.all_samplers_map:
+            continue
+        options = {**dict(data.options), "hgdpo_lan": True}
+        aliases = [f"{alias}_hgdpo_lan" for alias in data.aliases]
+        sampler = sd_samplers_common.SamplerData(name, _constructor(funcname), aliases, options)
+        sd_samplers.all_samplers.append(sampler)
+        sd_samplers.all_samplers_map[name] = sampler
+        added.append(name)
+    if added:
+        sd_samplers.set_samplers()
+        cache_clear = getattr(sd_samplers.get_sampler_and_scheduler, "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
+    return present

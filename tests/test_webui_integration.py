@@ -1,0 +1,345 @@
+"""The extension in a real WebUI (AUTOMATIC1111 1.10 or Forge), headless on the CPU, through its HTTP API.
+
+Skipped unless a WebUI is configured (CI cannot fetch one): set ``HGDPO_WEBUI_DIR`` (the WebUI's source
+tree), ``HGDPO_WEBUI_PYTHON`` (its Python) and ``HGDPO_WEBUI_CKPT`` (an SD1.5-architecture checkpoint;
+random weights are fine): see extension/webui_harness.py. The WebUI runs from a private ``--data-dir``
+with this repository linked as ``extensions/hgdpo`` and test LoRAs written here. Images are 64x64 with 3
+steps: the checks are exact comparisons, not looks.
+
+The strongest check, for every LAN sampler: with LAN strength 0 the DPO chain is the DPO model alone, so
+"<sampler> (HG-DPO LAN)" at weight w must give the image the plain sampler gives with ``<lora:name:w>``
+in the prompt (the WebUI's own Lora extension merging the weights). That proves the LDM name map, the
+per-call LoRA toggle, the shared noise of the stochastic samplers and, with a prompt-editing prompt,
+that the denoiser's step counter advances once per step.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from extension import settings as hs
+from extension.webui_harness import WebUI, config_from_environment, prepare_data_dir
+from hgdpo.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY, parse_parameters
+
+CONFIG, SKIP_REASON = config_from_environment()
+pytestmark = pytest.mark.skipif(CONFIG is None, reason=SKIP_REASON)
+
+LORA = "hgdpo_people"
+TE_LORA = "hgdpo_with_te"
+PROMPT = "[a woman:a man:1] singing on the stage"  # prompt editing: switches after step 1
+BASE = {"prompt": PROMPT, "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 64, "seed": 7,
+        "cfg_scale": 5.0}
+LAN_SAMPLERS = [hs.lan_sampler_name(name) for name in hs.LAN_BASE_SAMPLERS]
+FORGE_API_FIELDS = ({"hr_additional_modules": ["Use same choices"], "styles": []}
+                    if CONFIG is not None and CONFIG.is_forge else {})
+"""Forge's API leaves ``hr_additional_modules`` unset (its hires pass then fails on ``in None``), and its
+``infotext`` reader fails on list-typed fields (``isinstance(value, list[str])``): Forge bugs, sidestepped by
+setting these fields."""
+SAME = 1
+"""Two runs of the same generation differ by at most one 8-bit level: on the CPU the WebUI's kernels do not
+always round alike from call to call (seen once in a few runs, for plain sampling too)."""
+
+TINY_PICKSCORE = r"""
+import sys, torch
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+root = sys.argv[1]
+tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+config = CLIPConfig(text_config={**tower, "vocab_size": 49408, "max_position_embeddings": 77},
+                    vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
+torch.manual_seed(0)
+CLIPModel(config).save_pretrained(root + "/PickScore_v1", safe_serialization=True)
+tokenizer = CLIPTokenizer.from_pretrained("openai/clip-vit-large-patch14")  # the WebUI's own offline CLIP tokenizer
+processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                          crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
+processor.save_pretrained(root + "/CLIP-ViT-H-14-laion2B-s32B-b79K")
+"""
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _write_loras(folder):
+    """SD1.5-shaped random kohya LoRAs (attention layers; one also with text-encoder layers), and an SDXL one."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from hgdpo.tiny import sd15_configs
+    from tests.sd15_factory import save_random_lora
+
+    configs = sd15_configs()
+    with torch.device("meta"):  # shapes only: the LoRA writer reads in/out features
+        unet = UNet2DConditionModel(**{k: v for k, v in configs["unet"].items() if not k.startswith("_")})
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items()
+                                                       if not k.startswith("_")}))
+    save_random_lora(unet, folder / f"{LORA}.safetensors", rank=4, seed=1)
+    save_random_lora(unet, folder / f"{TE_LORA}.safetensors", rank=4, seed=2)
+    _add_text_encoder_layers(folder / f"{TE_LORA}.safetensors", text_encoder)
+    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3072, 4)},
+              str(folder / "sdxl_style.safetensors"))
+
+
+def _add_text_encoder_layers(path, text_encoder, rank=4, std=0.05):
+    """kohya's text-encoder keys (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``), whatever the
+    transformers version's module paths (transformers 5 dropped the ``text_model.`` level)."""
+    from safetensors import safe_open
+
+    generator = torch.Generator().manual_seed(3)
+    with safe_open(str(path), "pt") as handle:
+        tensors, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()  # noqa: SIM118
+    for name, module in text_encoder.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+            name = name if name.startswith("text_model.") else "text_model." + name
+            key = "lora_te_" + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * std
+            tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * std
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, str(path), metadata)
+
+
+def make_data_dir(tmp_path_factory):
+    """A WebUI data dir with this extension, the checkpoint, the test LoRAs and a tiny PickScore."""
+    root = prepare_data_dir(tmp_path_factory.mktemp("webui-data"), CONFIG.checkpoint)
+    _write_loras(root / "models" / "Lora")
+    subprocess.run([str(CONFIG.python), "-c", TINY_PICKSCORE, str(root / "models" / "pickscore")], check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    (root / "empty").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def webui(data_dir):
+    with WebUI(CONFIG, data_dir) as running:
+        yield running
+
+
+def webui_lora(body):
+    """The WebUI's own Lora extension, in its functional mode, for a ``<lora:...>`` prompt: the reference.
+
+    (Its default mode backs up every UNet and text-encoder weight at the first ``<lora>``: +3.7 GB here.)"""
+    if "<lora:" in body.get("prompt", ""):
+        body["override_settings"] = {**body.get("override_settings", {}), "lora_functional": True}
+    return body
+
+
+def txt2img(webui, sampler, args=None, expect=200, **overrides):
+    body = webui_lora({**BASE, "sampler_name": sampler, **overrides})
+    if args is not None:
+        body["alwayson_scripts"] = {hs.SCRIPT_TITLE: {"args": args}}
+    status, payload = webui.post("/sdapi/v1/txt2img", body)
+    assert status == expect, f"HTTP {status}: {str(payload)[:2000]}\n{webui.log_tail(30)}"
+    return payload
+
+
+def images(payload):
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).astype(np.int16)
+            for data in payload["images"]]
+
+
+def infotexts(payload):
+    return json.loads(payload["info"])["infotexts"]
+
+
+def params(infotext):
+    return parse_parameters(infotext)[2]
+
+
+def error_text(payload):
+    """The error message of a failed API call (A1111 names the field "errors", Forge "message")."""
+    return payload.get("errors") or payload.get("message") or str(payload)
+
+
+def max_diff(a, b):
+    return int(np.abs(a - b).max())
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_lan_samplers_are_listed_with_their_base_options(webui):
+    samplers = {item["name"]: item for item in webui.get("/sdapi/v1/samplers")}
+    for name in LAN_SAMPLERS:
+        assert name in samplers, sorted(samplers)
+        base = samplers[hs.base_sampler_name(name)]
+        assert samplers[name]["options"].get("scheduler") == base["options"].get("scheduler")
+    status = webui.get("/hgdpo/v1/status")
+    assert status["lan_samplers"] == LAN_SAMPLERS
+    loras = {item["name"]: item for item in status["loras"]}
+    assert loras[LORA]["problem"] is None and len(loras[LORA]["hash"]) == 12
+    assert "SDXL" in loras["sdxl_style"]["problem"]
+    assert status["scorer_ready"] and status["model_problem"] is None
+    assert "[HG-DPO] LoRA weight" in status["xyz_axes"]["txt2img"]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("sampler", LAN_SAMPLERS)
+def test_lan_off_equals_the_webui_lora_and_lan_on_changes_the_image(webui, sampler):
+    plain = hs.base_sampler_name(sampler)
+    reference = images(txt2img(webui, plain, prompt=f"{PROMPT} <lora:{LORA}:0.8>"))[0]
+    lan_off = images(txt2img(webui, sampler, [LORA, 0.8, 0.0]))[0]
+    assert max_diff(lan_off, reference) <= 2  # merged (WebUI) vs hooked (ours) float rounding
+    lan_on = images(txt2img(webui, sampler, [LORA, 0.8, 1.0]))[0]
+    assert max_diff(lan_on, lan_off) > 10
+
+
+def test_weight_zero_is_the_plain_sampler(webui):
+    plain = images(txt2img(webui, "Euler a"))[0]
+    lan = images(txt2img(webui, "Euler a (HG-DPO LAN)", [LORA, 0.0, 1.0]))[0]
+    assert max_diff(plain, lan) <= SAME
+
+
+def test_infotext_png_info_and_progress(webui):
+    polled = []
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            progress = webui.get("/sdapi/v1/progress?skip_current_image=true")
+            polled.append((progress["state"]["sampling_step"], progress["state"]["sampling_steps"]))
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        payload = txt2img(webui, "DPM++ 2M (HG-DPO LAN)", [LORA, 0.3, 0.8], steps=6)
+    finally:
+        done.set()
+        thread.join()
+    values = params(infotexts(payload)[0])
+    assert values["Sampler"] == "DPM++ 2M (HG-DPO LAN)"
+    assert values[LORA_KEY] == LORA and values[WEIGHT_KEY] == "0.3" and values[LAN_KEY] == "0.8"
+    assert len(values[LORA_HASH_KEY]) == 12
+    # the WebUI's step counter sees one step per sampler step (not two evaluations)
+    # (polls before the job starts still show the previous job's 3 steps)
+    assert max(total for _, total in polled) == 6
+    assert max(step for step, _ in polled) <= 6
+    # PNG Info reads the settings back
+    info = webui.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + payload["images"][0]})[1]
+    read_back = info.get("parameters") or params(info["info"])
+    assert hs.from_infotext(read_back) == {"lora": LORA, "lora_hash": values[LORA_HASH_KEY], "weight": 0.3,
+                                           "lan_strength": 0.8}
+
+
+def test_text_encoder_lora_goes_into_the_dpo_conditioning(webui):
+    reference = images(txt2img(webui, "DPM++ 2M", prompt=f"{PROMPT} <lora:{TE_LORA}:0.7>"))[0]
+    unet_only = images(txt2img(webui, "DPM++ 2M", prompt=f"{PROMPT} <lora:{LORA}:0.7>"))[0]
+    assert max_diff(reference, unet_only) > 10  # (the TE part does matter)
+    plain_before = images(txt2img(webui, "DPM++ 2M"))[0]
+    lan_off = images(txt2img(webui, "DPM++ 2M (HG-DPO LAN)", [TE_LORA, 0.7, 0.0]))[0]
+    assert max_diff(lan_off, reference) <= 2
+    # the text-encoder and UNet hooks are gone afterwards: plain sampling is unchanged
+    assert max_diff(images(txt2img(webui, "DPM++ 2M"))[0], plain_before) <= SAME
+
+
+def test_img2img_and_hires_fix(webui):
+    init = base64.b64encode(_png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))).decode()
+    body = {**BASE, "init_images": [init], "denoising_strength": 0.6, "steps": 4}
+    reference_body = webui_lora({**body, "sampler_name": "Euler", "prompt": f"{PROMPT} <lora:{LORA}:0.8>"})
+    for _ in range(2):  # Forge's first LoRA img2img after start differs (by ~50 levels) from every later one
+        status, reference = webui.post("/sdapi/v1/img2img", reference_body)
+        assert status == 200, reference
+    status, lan_off = webui.post("/sdapi/v1/img2img", {**body, "sampler_name": "Euler (HG-DPO LAN)",
+                                                        "alwayson_scripts": {"HG-DPO": {"args": [LORA, 0.8, 0.0]}}})
+    assert status == 200, lan_off
+    assert max_diff(images(lan_off)[0], images(reference)[0]) <= 2
+    hires = txt2img(webui, "DPM++ 2M SDE (HG-DPO LAN)", [LORA, 0.5], enable_hr=True, hr_upscaler="Latent", hr_scale=1.5,
+                    hr_second_pass_steps=2, denoising_strength=0.6, **FORGE_API_FIELDS)
+    assert images(hires)[0].shape == (96, 96, 3)
+    assert params(infotexts(hires)[0])[WEIGHT_KEY] == "0.5"
+
+
+def _png(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_best_of_n_keeps_the_highest_pickscore(webui):
+    every = txt2img(webui, "Euler a (HG-DPO LAN)", [LORA, 0.5, 1.0, 3, "", True])
+    texts = infotexts(every)
+    assert len(images(every)) == 3
+    scores = [float(params(text)[SCORE_KEY]) for text in texts]
+    seeds = [int(params(text)["Seed"]) for text in texts]
+    assert scores == sorted(scores, reverse=True) and sorted(seeds) == [7, 8, 9]
+    assert all(params(text)[BEST_OF_KEY] == "3" for text in texts)
+    best = txt2img(webui, "Euler a (HG-DPO LAN)", [LORA, 0.5, 1.0, 3])
+    assert len(images(best)) == 1
+    assert max_diff(images(best)[0], images(every)[0]) <= SAME
+    assert params(infotexts(best)[0])["Seed"] == str(seeds[0])
+    # the recorded seed regenerates the kept image on its own
+    alone = txt2img(webui, "Euler a (HG-DPO LAN)", [LORA, 0.5, 1.0, 1], seed=seeds[0])
+    assert max_diff(images(alone)[0], images(best)[0]) <= SAME
+    # best-of-N with a plain sampler
+    plain = txt2img(webui, "Euler", [hs.NO_LORA, 0.5, 1.0, 2])
+    assert len(images(plain)) == 1 and SCORE_KEY in params(infotexts(plain)[0])
+
+
+def test_xyz_plot_over_samplers_and_the_weight(webui):
+    axes = webui.get("/hgdpo/v1/status")["xyz_axes"]["txt2img"]
+    body = {**BASE, "sampler_name": "Euler", "script_name": "x/y/z plot",
+            "alwayson_scripts": {"HG-DPO": {"args": [LORA]}},
+            "script_args": [axes["Sampler"], "", ["Euler", "Euler (HG-DPO LAN)"],
+                            axes["[HG-DPO] LoRA weight"], "0.2, 0.9", None, 0, "", None,
+                            True, True, False, False, False, False, False, 0, False]}
+    status, payload = webui.post("/sdapi/v1/txt2img", body)
+    assert status == 200, f"{payload}\n{webui.log_tail(40)}"
+    cells = [params(text) for text in infotexts(payload)[1:]]  # [0] is the grid
+    assert [(cell["Sampler"], cell.get(WEIGHT_KEY)) for cell in cells] == [
+        ("Euler", None), ("Euler (HG-DPO LAN)", "0.2"), ("Euler", None), ("Euler (HG-DPO LAN)", "0.9")]
+    pixels = images(payload)[1:]
+    assert max_diff(pixels[0], pixels[2]) <= SAME and max_diff(pixels[1], pixels[3]) > 10
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "No HG-DPO LoRA chosen"),
+        (["missing_lora", 0.5], "'missing_lora' not found in .*Lora"),
+        (["sdxl_style", 0.5], "SDXL"),
+        ([LORA, 7.0], r"weight must lie in \[0.0, 2.0\]"),
+    ],
+)
+def test_bad_lan_settings_stop_with_a_clear_message(webui, args, message):
+    import re
+
+    payload = txt2img(webui, "Euler (HG-DPO LAN)", args, expect=500)
+    assert payload["error"] == "HGDPOError" and re.search(message, error_text(payload)), payload
+
+
+def test_missing_pickscore_weights_name_the_folder_and_the_download(webui, data_dir):
+    payload = txt2img(webui, "Euler", [hs.NO_LORA, 0.5, 1.0, 2, str(data_dir / "empty")], expect=500)
+    assert str(data_dir / "empty" / "PickScore_v1") in error_text(payload)
+    assert "huggingface-cli download yuvalkirstain/PickScore_v1" in error_text(payload)
+
+
+def test_lora_in_the_prompt_as_well_is_refused(webui):
+    payload = txt2img(webui, "Euler (HG-DPO LAN)", [LORA, 0.5], expect=500, prompt=f"{PROMPT} <lora:{LORA}:1>")
+    assert "Remove <lora:hgdpo_people" in error_text(payload)
+
+
+def test_other_samplers_are_unaffected_by_bad_accordion_values(webui):
+    reference = images(txt2img(webui, "DPM++ 2M"))[0]
+    for args in (["missing_lora", 0.5], [LORA, 7.0], ["sdxl_style"]):
+        assert max_diff(images(txt2img(webui, "DPM++ 2M", args))[0], reference) <= SAME
