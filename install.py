@@ -16,7 +16,7 @@ except ImportError:  # run by another host (ComfyUI-Manager runs install.py too)
     print("HG-DPO: install.py is the WebUI extension's installer; nothing to do outside the WebUI.")
     sys.exit(0)
 
-from extension.install_plan import advisories, plan  # noqa: E402
+from extension.install_plan import advisories, plan
 
 
 def _version(distribution):

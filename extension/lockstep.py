@@ -8,10 +8,10 @@ place (Eq. 7); :func:`hgdpo.lockstep.finish` normalises the final latent once mo
 What the WebUI adds:
 
 * :func:`evaluate`: one lockstep evaluation as **two calls** of the WebUI's CFG denoiser, the SFT half
-  with the HG-DPO LoRA's scale at 0, then the DPO half with the scale at the weight. The WebUI's CFG
-  denoiser (prompt editing, AND, masks, callbacks of other extensions) runs unchanged on a batch of
-  the usual size, and the DPO half runs last, so what the WebUI keeps from the latest call (the live
-  preview, the latent returned on interrupt) shows the DPO chain.
+  with the HG-DPO LoRA's scale at 0, then the DPO half with the scale at the weight (the denoiser's
+  fallback for prompts composed with AND; its fast path is one call with per-row LoRA scales,
+  :func:`hgdpo.lockstep.row_scales`). The DPO half runs last, so what the WebUI keeps from the latest
+  call (the live preview, the latent returned on interrupt) shows the DPO chain.
 * :class:`PairedRandn`: ancestral samplers draw through the WebUI's seeded per-image generator
   (``k_diffusion.sampling.torch.randn_like``); both chains get the same draw.
 * :func:`dpo_result`: the DPO half of the final latent (or the single-chain latent the WebUI returns

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+STARTED_LINE = "Startup time:"
+"""What AUTOMATIC1111 and Forge print once their start-up, ``app_started`` callbacks included, is over."""
 ENV_DIR, ENV_PYTHON, ENV_CKPT, ENV_ARGS, ENV_DEVICE = (
     "HGDPO_WEBUI_DIR", "HGDPO_WEBUI_PYTHON", "HGDPO_WEBUI_CKPT", "HGDPO_WEBUI_ARGS", "HGDPO_WEBUI_DEVICE")
 
@@ -168,7 +170,9 @@ class WebUI(WebUIClient):
                 raise RuntimeError(f"The WebUI exited with code {self.process.returncode}:\n{self.log_tail()}")
             try:
                 status, _ = self.request("GET", "/sdapi/v1/samplers", timeout=5)
-                if status == 200:  # (the UI answers before the API routes are mounted: 404 until then)
+                # the UI answers before the API routes are mounted (404 until then), and the API before the
+                # app_started callbacks have run: a request in between can fail (seen in Forge)
+                if status == 200 and STARTED_LINE in self.log_tail(lines=400):
                     return
             except (urllib.error.URLError, OSError):
                 pass

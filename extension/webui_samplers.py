@@ -7,15 +7,19 @@ txt2img/img2img/hires dropdowns, ``/sdapi/v1/samplers``, the X/Y/Z "Sampler" axi
 of the API and of pasted infotexts.
 
 Sampling (:class:`LANSampler`, a ``KDiffusionSampler``): the k-diffusion function runs on the lockstep
-batch ``[x; x]`` (:mod:`extension.lockstep`). :class:`LANDenoiser`, a ``CFGDenoiserKDiffusion``, gets
-that batch once per step, normalises the DPO half in place (LAN) and calls the WebUI's own
-``CFGDenoiser.forward`` twice: on the SFT half with the HG-DPO LoRA's scale at 0, then on the DPO half
-with the scale at the slider's weight. The LoRA is a functional one (forward hooks on the UNet's
-layers, :class:`extension.lora_hooks.FollowingLoRA`), attached once per generation and toggled per
-call: the weights are never merged or re-patched. ``CFGDenoiser.step`` is rewound between the two
-calls, so prompt editing, the step counter, NGMS and the progress bar see one step per sampler step;
-the live preview shows the DPO half. Text-encoder weights of the LoRA (if any) go into a second set of
-conditionings used by the DPO half only.
+batch ``[x; x]`` (:mod:`hgdpo.lockstep`, :mod:`extension.lockstep`), the SFT and the DPO chain from the
+same noise. :class:`LANDenoiser`, a ``CFGDenoiserKDiffusion``, gets that batch once per step, renormalises
+the DPO half in place (LAN) and runs the WebUI's own ``CFGDenoiser.forward`` once, as if on 2B images
+with the conditionings given to both halves: CFG's conditional and unconditional chunks each stack both
+chains, so each step is **one UNet call**, and a UNet pre-hook sets the HG-DPO LoRA's scale per row (0 on
+SFT rows, the slider's weight on DPO rows). The LoRA is functional (forward hooks on the UNet's layers,
+:class:`extension.lora_hooks.FollowingLoRA`), attached once per generation: the weights are never merged
+or re-patched, and other LoRAs of the prompt apply to both chains. Prompts composed with AND repeat rows
+per image; for them the denoiser makes two calls per step instead (the SFT half at scale 0, then the DPO
+half at the weight), rewinding ``CFGDenoiser.step`` in between. Either way the step counter, prompt
+editing, NGMS and the progress bar see one step per sampler step, and the live preview and the latent
+returned on interrupt show the DPO chain. Text-encoder weights of the LoRA (if any) go into a second set
+of conditionings used by the DPO chain only.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import k_diffusion.sampling
-from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, shared
+import torch
+from modules import prompt_parser, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, shared
 
 from hgdpo.ldm_names import ldm_unet_kohya_names
+from hgdpo.lockstep import row_scales
 from hgdpo.lora_runtime import LoRAArchitectureError, LoRAFile
 
 from . import lockstep, lora_files
@@ -112,12 +118,29 @@ class _Session:
         self.cond = self.uncond = None
         self.unet_lora = FollowingLoRA(ldm_unet_kohya_names(root), lora.unet, 0.0, label,
                                        compute_dtype=backend.unet_compute_dtype(sd_model))
+        self.per_row = False
+        self._row_scales: dict[tuple, torch.Tensor] = {}
+        self._row_guard = root.register_forward_pre_hook(self._set_row_scales)
         try:
             if lora.text_encoder:
                 self.cond, self.uncond = self._dpo_conditioning(p, sd_model, lora, label)
         except BaseException:
-            self.unet_lora.remove()
+            self.close()
             raise
+
+    def _set_row_scales(self, _module, inputs) -> None:
+        """UNet pre-hook of the batched path: the LoRA scale of each row of this UNet call (SFT 0, DPO w)."""
+        if not self.per_row or not inputs or not isinstance(inputs[0], torch.Tensor):
+            return
+        x = inputs[0]
+        key = (x.shape[0], x.device, x.dtype)
+        if key not in self._row_scales:
+            try:
+                self._row_scales[key] = row_scales(x.shape[0], self.batch, self.weight, x.device, x.dtype)
+            except ValueError as error:
+                raise HGDPOError(f"The UNet got {x.shape[0]} rows, not whole SFT/DPO lockstep batches of "
+                                 f"{2 * self.batch}; another extension changed the batch? ({error})") from error
+        self.unet_lora.scale = self._row_scales[key]
 
     def _dpo_conditioning(self, p, sd_model, lora: LoRAFile, label: str):
         encoder = backend.text_encoder(sd_model)
@@ -131,17 +154,78 @@ class _Session:
             hooks.remove()
 
     def close(self) -> None:
+        self._row_guard.remove()
         self.unet_lora.remove()
 
 
+def _uses_and(cond) -> bool:
+    """Whether a prompt of the batch is composed with AND (several conditionings per image)."""
+    return any(len(entry) > 1 for entry in getattr(cond, "batch", ()))
+
+
+def _paired_cond(cond, dpo):
+    """The multi-conditioning of the lockstep batch: the SFT images' entries, then the DPO images'."""
+    other = cond if dpo is None else dpo
+    return prompt_parser.MulticondLearnedConditioning(shape=(len(cond.batch) * 2,), batch=[*cond.batch, *other.batch])
+
+
+def _paired_rows(value, batch: int):
+    """A per-image tensor or list (image conditioning, masks, unconditional schedules) given to both chains."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return lockstep.paired(value)
+    if isinstance(value, list) and len(value) == batch:
+        return value + value
+    return value
+
+
 class LANDenoiser(sd_samplers_kdiffusion.CFGDenoiserKDiffusion):
-    """CFG denoiser of a LAN sampler: one lockstep step = LAN + the WebUI's CFG on each half."""
+    """CFG denoiser of a LAN sampler: one lockstep step = LAN + the WebUI's CFG on both chains.
+
+    Fast path: the WebUI's ``CFGDenoiser.forward`` runs once on the lockstep batch as if it held 2B images
+    (the conditionings given to both halves), so each step is one UNet call on ``[SFT; DPO]`` rows (CFG's
+    conditional and unconditional chunks each stack both chains) with the LoRA's scale set per row by a
+    UNet pre-hook: 0 on SFT rows, the weight on DPO rows (:func:`hgdpo.lockstep.row_scales`). Prompts
+    composed with AND repeat rows per image, so that layout is left to the second path: two calls, the SFT
+    half with the scale at 0, then the DPO half at the weight.
+    """
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         session: _Session | None = getattr(self.sampler, "session", None)
         if session is None or x.shape[0] != 2 * session.batch:
             raise HGDPOError("The HG-DPO LAN denoiser was called outside a LAN generation (an extension calling "
                              "the sampler directly?); use a sampler without '(HG-DPO LAN)'.")
+        if _uses_and(cond):
+            return self._forward_halves(session, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+        return self._forward_batched(session, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+
+    def _forward_batched(self, session, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        batch = session.batch
+        lockstep.normalize_in_place(x, batch, session.strength)
+        uncond_dpo = session.uncond if session.cond is not None else None
+        paired_uncond = None if uncond is None else (uncond + (uncond_dpo if uncond_dpo is not None else uncond)
+                                                     if isinstance(uncond, list) else _paired_rows(uncond, batch))
+        saved = {name: getattr(self, name) for name in ("mask", "nmask")}
+        for name, value in saved.items():
+            setattr(self, name, _paired_rows(value, batch))
+        session.per_row = True
+        try:
+            denoised = super().forward(x, sigma, paired_uncond, _paired_cond(cond, session.cond), cond_scale,
+                                       s_min_uncond, _paired_rows(image_cond, batch))
+        finally:
+            session.per_row = False
+            session.unet_lora.scale = 0.0
+            for name, value in saved.items():
+                setattr(self, name, value)
+        # what the WebUI keeps from this call (live preview, the latent returned on interrupt): the DPO chain
+        last = getattr(self.sampler, "last_latent", None)
+        if isinstance(last, torch.Tensor) and last.shape[0] == 2 * batch:
+            self.sampler.last_latent = last[batch:]
+        current = shared.state.current_latent
+        if isinstance(current, torch.Tensor) and current.shape[0] == 2 * batch:
+            sd_samplers_common.store_latent(current[batch:])
+        return denoised
+
+    def _forward_halves(self, session, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         batch, step, init_latent = session.batch, self.step, self.init_latent
         parent = super()
 
