@@ -1,6 +1,5 @@
 """Inference with diffusers: plain sampling, LAN lockstep sampling, the fast path, best-of-N, the CLI."""
 
-import copy
 import subprocess
 import sys
 from pathlib import Path
