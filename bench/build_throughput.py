@@ -225,7 +225,9 @@ def bench_generation(args, workdir: Path) -> dict:
     print(f"generation: {args.prompts} prompts x {args.pool_size} images = {images} images per round, "
           f"{args.steps} steps, {width}x{height}, {args.dtype}; warm-up {args.warmup}, {args.rounds} rounds",
           flush=True)
-    seconds, cpu_seconds = interleaved_rounds({"builder": builder, "naive": naive}, args.rounds, args.warmup, device, "gen")
+    seconds, cpu_seconds = interleaved_rounds(
+        {"builder": builder, "naive": naive}, args.rounds, args.warmup, device, "gen"
+    )
     return {
         "model": {"arch": args.arch, "unet_parameters": unet_parameters, "setup_seconds": round(setup_seconds, 1),
                   "latent_shape": [4, height // 8, width // 8]},

@@ -106,7 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=2500.0,
                         help="DPO beta of ours; the diffusers recipe uses beta_dpo = this value (same loss).")
     parser.add_argument("--lambda-stat", type=float, default=10000.0, help="lambda_stat of the hgdpo variant.")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="Comma-separated subset of " + ", ".join(VARIANTS)
+    )
     parser.add_argument("--memory", choices=("subprocess", "none"), default="subprocess",
                         help="Peak memory per variant, each in a fresh subprocess (or skip).")
     parser.add_argument("--threads", type=int, default=None,
@@ -523,8 +525,12 @@ def measure_stat_term(bench: Bench, repeats: int = 40) -> dict:
             with_stat.append(once(args.lambda_stat))
             without.append(once(0.0))
     extra = statistics.median(a - b for a, b in zip(with_stat, without))
-    return {"loss_ms_with_stat": 1e3 * statistics.median(with_stat), "loss_ms_without": 1e3 * statistics.median(without),
-            "extra_ms_per_micro_batch": 1e3 * extra, "repeats": repeats}
+    return {
+        "loss_ms_with_stat": 1e3 * statistics.median(with_stat),
+        "loss_ms_without": 1e3 * statistics.median(without),
+        "extra_ms_per_micro_batch": 1e3 * extra,
+        "repeats": repeats,
+    }
 
 
 def memory_probe(args) -> dict:
@@ -731,9 +737,14 @@ def main(argv: list[str] | None = None) -> int:
     memory = measure_memory(argv, args.variants) if args.memory == "subprocess" else {}
     print(f"setting up {args.arch} at {args.size[0]}x{args.size[1]} on {args.device} ...", flush=True)
     bench = setup(args, args.variants)
-    print(f"  UNet {bench.info['unet_parameters'] / 1e6:.1f}M parameters, LoRA {bench.info['lora_parameters'] / 1e6:.2f}M, "
-          f"latents {bench.info['latent_shape']}, set-up {bench.info['setup_seconds']}s", flush=True)
-    print(f"warm-up ({args.warmup} steps each), then {args.rounds} rounds of {args.steps} steps per variant:", flush=True)
+    print(
+        f"  UNet {bench.info['unet_parameters'] / 1e6:.1f}M parameters, "
+        f"LoRA {bench.info['lora_parameters'] / 1e6:.2f}M, "
+        f"latents {bench.info['latent_shape']}, set-up {bench.info['setup_seconds']}s",
+        flush=True,
+    )
+    print(f"warm-up ({args.warmup} steps each), then {args.rounds} rounds of {args.steps} steps per variant:",
+          flush=True)
     seconds, cpu_seconds = measure_speed(bench, args.variants)
     stat_term = measure_stat_term(bench) if {"hgdpo", "dpo"} <= set(args.variants) else None
     summary = summarize(args, bench, seconds, cpu_seconds, memory, stat_term)

@@ -91,9 +91,20 @@ class Client:
         self.webui, self.pid = webui, pid
 
     def generate(self, args, sampler: str, lan: bool, seed: int) -> dict:
-        body = {"prompt": BENCH_PROMPTS[0], "negative_prompt": "blurry", "steps": args.steps, "width": args.size,
-                "height": args.size, "cfg_scale": args.cfg, "seed": seed, "batch_size": 1, "n_iter": 1,
-                "sampler_name": lan_sampler_name(sampler) if lan else sampler, "send_images": True, "save_images": False}
+        body = {
+            "prompt": BENCH_PROMPTS[0],
+            "negative_prompt": "blurry",
+            "steps": args.steps,
+            "width": args.size,
+            "height": args.size,
+            "cfg_scale": args.cfg,
+            "seed": seed,
+            "batch_size": 1,
+            "n_iter": 1,
+            "sampler_name": lan_sampler_name(sampler) if lan else sampler,
+            "send_images": True,
+            "save_images": False,
+        }
         if lan:
             body["alwayson_scripts"] = {"HG-DPO": {"args": [args.lora, args.weight, 1.0]}}
         cpu = process_cpu_seconds(self.pid) if self.pid else None
@@ -117,8 +128,11 @@ def run(args, client: Client, backend: str) -> dict:
             order = (False, True) if index % 2 == 0 else (True, False)
             timed = {("lan" if lan else "plain"): client.generate(args, sampler, lan, seed=index) for lan in order}
             rounds.append(timed)
-            print(f"{sampler} round {index + 1}: plain {timed['plain']['wall_s']:.1f} s, LAN {timed['lan']['wall_s']:.1f} s",
-                  flush=True)
+            print(
+                f"{sampler} round {index + 1}: plain {timed['plain']['wall_s']:.1f} s, "
+                f"LAN {timed['lan']['wall_s']:.1f} s",
+                flush=True,
+            )
         summary = {}
         for measure in ("wall_s", "cpu_s"):
             if rounds[0]["plain"][measure] is None:

@@ -38,7 +38,9 @@ def _has_model(folder: Path) -> bool:
 
 
 def _has_processor(folder: Path) -> bool:
-    tokenizer = (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    tokenizer = (folder / "tokenizer.json").is_file() or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    )
     return tokenizer and any((folder / name).is_file() for name in _PROCESSOR)
 
 
@@ -64,7 +66,8 @@ def pickscore_folders(root: str | Path) -> tuple[Path, Path]:
         + "; ".join(missing)
         + ". Fetch them once on a machine with internet access:\n"
         + f"    huggingface-cli download {DEFAULT_PICKSCORE_MODEL} --local-dir {model}\n"
-        + f'    huggingface-cli download {DEFAULT_PICKSCORE_PROCESSOR} --include "*.json" "*.txt" --local-dir {processor}\n'
+        + f'    huggingface-cli download {DEFAULT_PICKSCORE_PROCESSOR} --include "*.json" "*.txt"'
+        + f" --local-dir {processor}\n"
         + "(with huggingface_hub >= 1.0 the command is `hf download`, and --include takes one pattern each). "
         + "Or set another folder in the HG-DPO accordion (scorer weights) or in Settings > HG-DPO."
     )

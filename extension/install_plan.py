@@ -41,7 +41,9 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 def plan(is_installed: Callable[[str], bool]) -> list[Requirement]:
     """The requirements to install: the missing ones, never a protected package."""
-    return [req for req in REQUIREMENTS if req.distribution.lower() not in PROTECTED and not is_installed(req.distribution)]
+    return [
+        req for req in REQUIREMENTS if req.distribution.lower() not in PROTECTED and not is_installed(req.distribution)
+    ]
 
 
 def advisories(version_of: Callable[[str], str | None]) -> list[str]:

@@ -25,8 +25,11 @@ from torch import nn
 from hgdpo.ldm_names import layers
 from hgdpo.lora_runtime import FunctionalLoRA, LoRAModule
 
-_UNSUPPORTED_DTYPES = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                       if hasattr(torch, name)}
+_UNSUPPORTED_DTYPES = {
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+}
 
 
 def clip_text_kohya_names(encoder: nn.Module) -> dict[str, nn.Module]:

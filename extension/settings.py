@@ -113,7 +113,9 @@ def from_args(args: Sequence[Any], defaults: Settings | None = None) -> Settings
     """
     defaults = defaults or Settings()
     values = {field.name: getattr(defaults, field.name) for field in fields(Settings)}
-    args = [arg.get("value") if isinstance(arg, Mapping) and "__type__" in arg else arg for arg in args]  # gradio updates
+    args = [
+        arg.get("value") if isinstance(arg, Mapping) and "__type__" in arg else arg for arg in args
+    ]  # gradio updates
     if args and isinstance(args[0], Mapping):
         unknown = sorted(set(args[0]) - set(values))
         if unknown:
@@ -169,7 +171,11 @@ def from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
         result["lora"] = str(params[LORA_KEY])
     if params.get(LORA_HASH_KEY):
         result["lora_hash"] = str(params[LORA_HASH_KEY])
-    for key, name, kind in ((WEIGHT_KEY, "weight", float), (LAN_KEY, "lan_strength", float), (BEST_OF_KEY, "best_of", int)):
+    for key, name, kind in (
+        (WEIGHT_KEY, "weight", float),
+        (LAN_KEY, "lan_strength", float),
+        (BEST_OF_KEY, "best_of", int),
+    ):
         if key in params:
             try:
                 result[name] = _number(name, params[key], kind)

@@ -143,14 +143,19 @@ class WebUI(WebUIClient):
         if not self.ui:
             args.append("--nowebui")
         if not self.config.gpu:
-            args += ["--always-cpu"] if self.config.is_forge else ["--skip-torch-cuda-test", "--use-cpu", "all", "--no-half",
-                                                                   "--precision", "full"]
+            args += (
+                ["--always-cpu"]
+                if self.config.is_forge
+                else ["--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--precision", "full"]
+            )
         return args + self.config.extra_args
 
     def __enter__(self) -> WebUI:  # noqa: PYI034 (a subclass would still get a WebUI)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("MALLOC_ARENA_MAX", "2")
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # large tensors in mmap: freed memory goes back (RSS 5 GB, not 9)
+        env.setdefault(
+            "MALLOC_MMAP_THRESHOLD_", "131072"
+        )  # large tensors in mmap: freed memory goes back (RSS 5 GB, not 9)
         env.pop("PYTHONPATH", None)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), cwd=self.config.webui_dir, env=env, stdout=log,

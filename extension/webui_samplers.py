@@ -145,7 +145,9 @@ class _Session:
     def _dpo_conditioning(self, p, sd_model, lora: LoRAFile, label: str):
         encoder = backend.text_encoder(sd_model)
         if encoder is None:
-            raise HGDPOError(f"{label} has text-encoder weights, but no CLIP text model was found in the loaded checkpoint.")
+            raise HGDPOError(
+                f"{label} has text-encoder weights, but no CLIP text model was found in the loaded checkpoint."
+            )
         backend.prepare_text_encoder(sd_model)
         hooks = FollowingLoRA(clip_text_kohya_names(encoder), lora.text_encoder, self.weight, label)
         try:
@@ -287,11 +289,20 @@ class LANSampler(sd_samplers_kdiffusion.KDiffusionSampler):
                                      image_conditioning=image_conditioning)
             return lockstep.dpo_result(samples, batch, session.strength)
 
-    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+    def sample_img2img(
+        self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None
+    ):
         batch = x.shape[0]
         with self._lockstep(p, batch) as session:
-            samples = super().sample_img2img(p, lockstep.paired(x), lockstep.paired(noise), conditioning,
-                                             unconditional_conditioning, steps=steps, image_conditioning=image_conditioning)
+            samples = super().sample_img2img(
+                p,
+                lockstep.paired(x),
+                lockstep.paired(noise),
+                conditioning,
+                unconditional_conditioning,
+                steps=steps,
+                image_conditioning=image_conditioning,
+            )
             return lockstep.dpo_result(samples, batch, session.strength)
 
 

@@ -136,9 +136,17 @@ class HGDPOScript(scripts.Script):
             with gr.Row():
                 lora = gr.Dropdown(label="HG-DPO LoRA (from the Lora folder)", choices=_lora_choices(),
                                    value=_default_lora_choice(), elem_id=self.elem_id("lora"))
-                create_refresh_button(lora, lambda: None, lambda: {"choices": _lora_choices()}, self.elem_id("lora_refresh"))
-            weight = gr.Slider(label="HG-DPO LoRA weight", minimum=hs.WEIGHT_RANGE[0], maximum=hs.WEIGHT_RANGE[1], step=0.05,
-                               value=hs.DEFAULT_WEIGHT, elem_id=self.elem_id("weight"))
+                create_refresh_button(
+                    lora, lambda: None, lambda: {"choices": _lora_choices()}, self.elem_id("lora_refresh")
+                )
+            weight = gr.Slider(
+                label="HG-DPO LoRA weight",
+                minimum=hs.WEIGHT_RANGE[0],
+                maximum=hs.WEIGHT_RANGE[1],
+                step=0.05,
+                value=hs.DEFAULT_WEIGHT,
+                elem_id=self.elem_id("weight"),
+            )
             lan_strength = gr.Slider(label="LAN strength (1 = the paper's latent adaptive normalization, 0 = off)",
                                      minimum=0.0, maximum=1.0, step=0.05, value=hs.DEFAULT_LAN_STRENGTH,
                                      elem_id=self.elem_id("lan_strength"))
@@ -217,9 +225,13 @@ class HGDPOScript(scripts.Script):
                 entry, _lora = webui_samplers.resolve_lora(webui_samplers.generation_settings(p))
                 tag = re.compile(rf"<lora:{re.escape(entry.path.stem)}[:>]")
                 if any(tag.search(prompt) for prompt in (p.all_prompts or [])):
-                    raise HGDPOError(f"Remove <lora:{entry.path.stem}:...> from the prompt: with a LAN sampler the HG-DPO accordion applies "
-                                     "this LoRA to the DPO model only (in the prompt it would change the SFT model too).")
-                p.extra_generation_params.update(hs.infotext_fields(settings, entry.name, lora_files.short_hash(entry.path), True))
+                    raise HGDPOError(
+                        f"Remove <lora:{entry.path.stem}:...> from the prompt: with a LAN sampler the HG-DPO "
+                        "accordion applies this LoRA to the DPO model only (in the prompt it would change the SFT "
+                        "model too)."
+                    )
+                fields = hs.infotext_fields(settings, entry.name, lora_files.short_hash(entry.path), True)
+                p.extra_generation_params.update(fields)
             if settings.best_of > 1:
                 _scorer(settings)  # load now: missing weights stop the job before sampling
                 p.extra_generation_params[BEST_OF_KEY] = settings.best_of
@@ -233,7 +245,8 @@ class HGDPOScript(scripts.Script):
             return
         count = len(pp.images)
         if count % job.settings.best_of:
-            logger.warning("HG-DPO best-of-N: %d images do not split into groups of %d; kept all.", count, job.settings.best_of)
+            logger.warning("HG-DPO best-of-N: %d images do not split into groups of %d; kept all.",
+                           count, job.settings.best_of)
             return
         images = [_to_pil(image) for image in pp.images]
         picks = best_of.select(_scorer(job.settings), list(p.prompts), images, job.settings.best_of,

@@ -74,7 +74,9 @@ class EncodedPairs(torch.utils.data.Dataset):
         manifest = json.loads((self.directory / "manifest.json").read_text())
         self.skipped: dict[int, str] = {int(index): reason for index, reason in manifest["skipped"].items()}
         self._files = [safe_open(str(self.directory / name), framework="pt") for name in manifest["chunks"]]
-        self._rows = [(c, row) for c, handle in enumerate(self._files) for row in range(handle.get_slice("win").get_shape()[0])]
+        self._rows = [
+            (c, row) for c, handle in enumerate(self._files) for row in range(handle.get_slice("win").get_shape()[0])
+        ]
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -134,12 +136,22 @@ def build_cache(
                     [encode_images(torch.stack(images[i : i + encode_batch_size]), components.vae)
                      for i in range(0, len(images), encode_batch_size)]
                 ).to(torch.float16).cpu()
-            tensors["text"] = torch.cat(
-                [encode_prompts(prompts[i : i + encode_batch_size], components.tokenizer, components.text_encoder)
-                 for i in range(0, len(prompts), encode_batch_size)]
-            ).to(torch.float16).cpu()
+            tensors["text"] = (
+                torch.cat(
+                    [
+                        encode_prompts(
+                            prompts[i : i + encode_batch_size], components.tokenizer, components.text_encoder
+                        )
+                        for i in range(0, len(prompts), encode_batch_size)
+                    ]
+                )
+                .to(torch.float16)
+                .cpu()
+            )
         with atomic_path(_chunk_path(directory, chunk)) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"skipped": json.dumps(skipped)})
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"skipped": json.dumps(skipped)}
+            )
         if bar:
             bar.update(CHUNK_SIZE)
     if bar:

@@ -33,7 +33,9 @@ class TrainConfig:
         None, "Diffusers-layout config folder for single-file checkpoints (default: bundled SD1.5 configs)."
     )
     people_only: bool = _option(False, "Pick-a-Pic input: keep only pairs whose caption is about people ('(H)').")
-    bad_images: str = _option("skip", "Corrupt or missing dataset image: skip the pair (counted) or stop.", ("skip", "stop"))
+    bad_images: str = _option(
+        "skip", "Corrupt or missing dataset image: skip the pair (counted) or stop.", ("skip", "stop")
+    )
     # objective
     loss: str = _option(
         "hgdpo",
@@ -41,7 +43,9 @@ class TrainConfig:
         "on winners (the paper's SFT baseline).",
         ("hgdpo", "dpo", "sft"),
     )
-    beta: float = _option(DEFAULT_BETA, "DPO beta of Eq. 3 (paper: 2500; Salesforce's code writes 0.5*beta_dpo with beta_dpo=5000).")
+    beta: float = _option(
+        DEFAULT_BETA, "DPO beta of Eq. 3 (paper: 2500; Salesforce's code writes 0.5*beta_dpo with beta_dpo=5000)."
+    )
     lambda_stat: float = _option(DEFAULT_LAMBDA_STAT, "Weight of the statistic-matching loss, Eq. 9 (paper: 10000).")
     # LoRA
     lora_rank: int = _option(8, "LoRA rank (paper: 8).")
@@ -83,7 +87,9 @@ class TrainConfig:
         None, "Prompts for validation images (default: the dataset's first two prompts)."
     )
     validation_seeds: list[int] = _option(None, "Seeds for validation images (default: 0 1).")
-    validation_lora_weights: list[float] = _option(None, "LoRA weights shown side by side (default: 0 0.5; paper: 0.5).")
+    validation_lora_weights: list[float] = _option(
+        None, "LoRA weights shown side by side (default: 0 0.5; paper: 0.5)."
+    )
     validation_inference_steps: int = _option(20, "DPM-Solver++ steps for validation images (paper sampling: 50).")
     validation_guidance_scale: float = _option(5.0, "CFG scale for validation images (paper: 5.0).")
 

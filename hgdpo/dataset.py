@@ -877,7 +877,8 @@ class TripletWriter:
         )
         json.dumps(self._metadata)  # fail early on non-serializable metadata
         self._rows: dict[str, list[Any]] = {
-            k: [] for k in ("prompt", "win_image", "lose_image", "win_score", "lose_score", "scores", "win_seed", "lose_seed")
+            k: []
+            for k in ("prompt", "win_image", "lose_image", "win_score", "lose_score", "scores", "win_seed", "lose_seed")
         }
         self._closed = False
 

@@ -8,8 +8,8 @@ instead of failing. A vote is unique per (rater, pair): voting again on the same
 A pair shows two images of the same prompt (and seed): either one image of model A and one of model B
 (the study measures how often raters prefer A, paper Figure 3), or the winner and the loser of a
 triplet dataset (:func:`pairs_from_dataset`: how often humans agree with the AI feedback, paper
-Figure 5a; model A is the AI's winner). Each rater sees the pairs in their own order, and each pair with its own left/right sides,
-both derived from the study's seed, the rater id and the pair id, so they are reproducible; the side
+Figure 5a; model A is the AI's winner). Each rater sees the pairs in their own order, and each pair with its own
+left/right sides, both derived from the study's seed, the rater id and the pair id, so they are reproducible; the side
 shown is recorded with each vote. Images are known to raters only by a random token, so nothing in a
 page tells which model made which image.
 
@@ -269,9 +269,14 @@ class Study:
             if connection.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
                 raise ValueError(f"The study has no pair {pair_id}")
             connection.execute("INSERT OR IGNORE INTO raters VALUES (?, ?)", (rater, _now()))
-            recorded = connection.execute(
-                "INSERT OR IGNORE INTO votes (rater, pair, a_on_left, choice, winner, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (rater, pair_id, int(a_on_left), choice, winner, _now())).rowcount == 1
+            recorded = (
+                connection.execute(
+                    "INSERT OR IGNORE INTO votes (rater, pair, a_on_left, choice, winner, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (rater, pair_id, int(a_on_left), choice, winner, _now()),
+                ).rowcount
+                == 1
+            )
         return recorded
 
     def progress(self, rater: str) -> Progress:

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 __all__ = ["QUESTION", "build_app", "import_gradio", "serve", "strip_png_text"]
 
 QUESTION = "Which image looks more natural?"
-MISSING_GRADIO = 'The user-study app needs gradio: pip install ".[app]" (in the hgdpo checkout) or pip install "gradio>=6"'
+MISSING_GRADIO = (
+    'The user-study app needs gradio: pip install ".[app]" (in the hgdpo checkout) or pip install "gradio>=6"'
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_METADATA_CHUNKS = frozenset({b"tEXt", b"iTXt", b"zTXt", b"eXIf"})
 VOTE_BUTTONS: tuple[tuple[Choice, str, str], ...] = (

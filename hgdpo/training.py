@@ -203,7 +203,9 @@ def train(config: TrainConfig) -> Path:
     if config.resume and resume_from is None:
         logger.info("No checkpoint in %s yet: starting a new run.", checkpoints.root)
     if resume_from is not None:
-        progress_state = _restore(resume_from, config, accelerator, unet, optimizer, lr_scheduler, noise_generator, rank)
+        progress_state = _restore(
+            resume_from, config, accelerator, unet, optimizer, lr_scheduler, noise_generator, rank
+        )
         logger.info("Resumed from %s at step %d", resume_from, progress_state.step)
 
     sampler = ResumableBatchSampler(len(encoded), config.batch_size, config.seed, rank, world_size,
@@ -234,7 +236,9 @@ def train(config: TrainConfig) -> Path:
                     latents=torch.cat([batch["win"], batch["lose"]]).to(device, weight_dtype),
                     text=batch["text"].to(device, weight_dtype),
                 )
-                loss = micro_step_loss(config, unet, inputs, scheduler, alphas_cumprod, clip_range, noise_generator, logs)
+                loss = micro_step_loss(
+                    config, unet, inputs, scheduler, alphas_cumprod, clip_range, noise_generator, logs
+                )
                 losses_finite &= bool(torch.isfinite(loss))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

@@ -73,7 +73,9 @@ def check_pair(dpo, sft) -> None:
 
 
 def _same_patch(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(x is y or (isinstance(x, (int, float, type(None))) and x == y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x is y or (isinstance(x, (int, float, type(None))) and x == y) for x, y in zip(a, b)
+    )
 
 
 def lora_layers(dpo, sft) -> list[dict[str, LoRAModule]] | None:

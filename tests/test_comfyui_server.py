@@ -182,8 +182,12 @@ def test_comfyui_frontend_loads_the_ui_workflows_into_their_api_twins(server):
                 output = page.evaluate(
                     "async (graph) => { await window.app.loadGraphData(graph); "
                     "return (await window.app.graphToPrompt()).output; }", graph)
-                twin = {key: {"class_type": node["class_type"], "inputs": node["inputs"]} for key, node in api[name].items()}
-                built = {key: {"class_type": node["class_type"], "inputs": node["inputs"]} for key, node in output.items()}
+                twin = {
+                    key: {"class_type": node["class_type"], "inputs": node["inputs"]} for key, node in api[name].items()
+                }
+                built = {
+                    key: {"class_type": node["class_type"], "inputs": node["inputs"]} for key, node in output.items()
+                }
                 assert built == twin, name
         finally:
             browser.close()
@@ -194,8 +198,14 @@ def test_example_workflows_run(server, name):
     prompt = support.small(support.api_workflows()[name])
     lan = [key for key, node in prompt.items() if node["class_type"] == "HGDPOLANKSampler"]
     for key in lan:  # also keep both chains' latents, to check LAN's statistics
-        prompt[f"{key}01"] = {"class_type": "SaveLatent", "inputs": {"samples": [key, 0], "filename_prefix": f"latents/{name}_dpo"}}
-        prompt[f"{key}02"] = {"class_type": "SaveLatent", "inputs": {"samples": [key, 1], "filename_prefix": f"latents/{name}_sft"}}
+        prompt[f"{key}01"] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": [key, 0], "filename_prefix": f"latents/{name}_dpo"},
+        }
+        prompt[f"{key}02"] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": [key, 1], "filename_prefix": f"latents/{name}_sft"},
+        }
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.log_tail()
     images = saved_images(server, entry)
@@ -231,7 +241,10 @@ def test_bad_inputs_are_reported_and_the_server_keeps_running(server):
     assert error["node_type"] == "HGDPOLoraLoader" and "SDXL" in error["exception_message"]
 
     prompt = support.small(api["lan_sampling"])
-    prompt["90"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "sd2_unet.safetensors", "weight_dtype": "default"}}
+    prompt["90"] = {
+        "class_type": "UNETLoader",
+        "inputs": {"unet_name": "sd2_unet.safetensors", "weight_dtype": "default"},
+    }
     prompt["6"]["inputs"]["sft_model"] = ["90", 0]
     error = error_of(server.run(prompt))
     assert error["node_type"] == "HGDPOLANKSampler"
@@ -266,4 +279,6 @@ def test_interrupt_stops_lan_sampling(server):
     entry = server.wait(prompt_id)
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds
-    assert server.run(support.small(support.api_workflows()["hgdpo_lora"], steps=2))["status"]["status_str"] == "success"
+    assert (
+        server.run(support.small(support.api_workflows()["hgdpo_lora"], steps=2))["status"]["status_str"] == "success"
+    )

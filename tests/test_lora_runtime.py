@@ -45,7 +45,11 @@ def test_reads_hgdpo_lora_and_matches_merged_weights(tiny_models, tiny_lora):
     _, models = tiny_models
     unet = copy.deepcopy(models["unet"])
     lora = read_lora(tiny_lora)
-    attention_linears = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    attention_linears = [
+        n
+        for n, m in unet.named_modules()
+        if isinstance(m, nn.Linear) and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))
+    ]
     assert len(lora.unet) == len(attention_linears) and not lora.text_encoder
     assert lora.metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     inputs = unet_inputs(unet)
@@ -114,10 +118,15 @@ def _write(path, tensors, metadata=None):
 def test_other_architectures_and_formats_are_refused_with_the_reason(tiny_models, tiny_lora, tmp_path):
     _, models = tiny_models
     tensors = load_file(str(tiny_lora))
-    sdxl_meta = _write(tmp_path / "xl.safetensors", tensors, {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
+    sdxl_meta = _write(
+        tmp_path / "xl.safetensors", tensors, {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+    )
     with pytest.raises(LoRAArchitectureError, match="stable-diffusion-xl"):
         read_lora(sdxl_meta)
-    te1 = _write(tmp_path / "te1.safetensors", {**tensors, "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)})
+    te1 = _write(
+        tmp_path / "te1.safetensors",
+        {**tensors, "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)},
+    )
     with pytest.raises(LoRAArchitectureError, match="SDXL"):
         read_lora(te1)
     loha = _write(tmp_path / "loha.safetensors", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2)})
@@ -132,8 +141,13 @@ def test_other_architectures_and_formats_are_refused_with_the_reason(tiny_models
     unet = copy.deepcopy(models["unet"])
     with pytest.raises(LoRAArchitectureError, match="SD2"):
         attach_lora(unet, None, read_lora(_write(tmp_path / "sd2.safetensors", sd2)))
-    unknown = _write(tmp_path / "unknown.safetensors", {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(8, 4),
-                                                        "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(4, 8)})
+    unknown = _write(
+        tmp_path / "unknown.safetensors",
+        {
+            "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(8, 4),
+            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(4, 8),
+        },
+    )
     with pytest.raises(LoRAArchitectureError, match="does not fit"):
         attach_lora(unet, None, read_lora(unknown))
     assert not any(module._forward_hooks for module in unet.modules())  # a refused LoRA leaves no hook behind

@@ -24,7 +24,9 @@ def test_single_file_loads_offline_and_matches_the_original(tiny_models, tiny_mo
     torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(models["unet"]))
     image = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(loaded.vae.encode(image).latent_dist.mean, models["vae"].encode(image).latent_dist.mean)
+        torch.testing.assert_close(
+            loaded.vae.encode(image).latent_dist.mean, models["vae"].encode(image).latent_dist.mean
+        )
         ids = loaded.tokenizer(["a portrait of a woman"], padding="max_length", return_tensors="pt").input_ids
         torch.testing.assert_close(loaded.text_encoder(ids)[0], models["text_encoder"](ids)[0])
     assert loaded.noise_scheduler.config.num_train_timesteps == 1000

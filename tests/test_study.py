@@ -203,7 +203,9 @@ def test_csv_export_has_one_row_per_vote(study, tmp_path):
 
 
 def test_served_pngs_lose_their_generation_parameters(tmp_path):
-    path = save_png(Image.new("RGB", (5, 4), (1, 2, 3)), tmp_path / "a.png", "a prompt\nSteps: 5, Seed: 1, HG-DPO weight: 0.5")
+    path = save_png(
+        Image.new("RGB", (5, 4), (1, 2, 3)), tmp_path / "a.png", "a prompt\nSteps: 5, Seed: 1, HG-DPO weight: 0.5"
+    )
     assert read_png_parameters(path)
     stripped = strip_png_text(path.read_bytes())
     image = Image.open(io.BytesIO(stripped))

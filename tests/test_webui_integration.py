@@ -210,7 +210,9 @@ def test_and_prompts_take_the_two_call_path(webui):
     reference = images(txt2img(webui, "DPM++ 2M", prompt=f"{prompt} <lora:{LORA}:0.8>"))[0]
     lan_off = images(txt2img(webui, "DPM++ 2M (HG-DPO LAN)", [LORA, 0.8, 0.0], prompt=prompt))[0]
     assert max_diff(lan_off, reference) <= 2
-    assert max_diff(images(txt2img(webui, "DPM++ 2M (HG-DPO LAN)", [LORA, 0.8, 1.0], prompt=prompt))[0], lan_off) > CHANGED
+    assert (
+        max_diff(images(txt2img(webui, "DPM++ 2M (HG-DPO LAN)", [LORA, 0.8, 1.0], prompt=prompt))[0], lan_off) > CHANGED
+    )
 
 
 def test_weight_zero_is_the_plain_sampler(webui):

@@ -218,7 +218,9 @@ def reference_dpmpp_2m(toy, x, sigmas, strength):
                 latent = (sigma_fn(t_next) / sigma_fn(t)) * latent - (-h).expm1() * denoised
             else:
                 r = (t - t_fn(sigmas[i - 1])) / h
-                latent = (sigma_fn(t_next) / sigma_fn(t)) * latent - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised - old / (2 * r))
+                latent = (sigma_fn(t_next) / sigma_fn(t)) * latent - (-h).expm1() * (
+                    (1 + 1 / (2 * r)) * denoised - old / (2 * r)
+                )
             chain[:] = [latent, denoised]
         chains[True][0] = latent_adaptive_normalization(chains[True][0], chains[False][0], strength)
     return chains[True][0]
@@ -343,7 +345,10 @@ def test_pickscore_folder_layouts_and_the_missing_weights_message(tmp_path, tiny
     assert "hf download" in message
     (tmp_path / "PickScore_v1").symlink_to(tiny_clip_dirs["model"])
     (tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K").symlink_to(tiny_clip_dirs["processor"])
-    assert best_of.pickscore_folders(tmp_path) == (tmp_path / "PickScore_v1", tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K")
+    assert best_of.pickscore_folders(tmp_path) == (
+        tmp_path / "PickScore_v1",
+        tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K",
+    )
     assert best_of.pickscore_folders(tiny_clip_dirs["combined"]) == (tiny_clip_dirs["combined"],) * 2
 
 
@@ -420,7 +425,9 @@ def _tiny_unet():
 def _ldm_pairs(unet) -> dict[str, str]:
     """LDM module path -> diffusers module path from the tests' independent single-file converter."""
     converted = sd15_factory._convert(unet.state_dict(), sd15_factory._unet_prefix_map(unet), "unet")
-    return {ldm[: -len(".weight")]: key[: -len(".weight")] for ldm, (key, _) in converted.items() if ldm.endswith(".weight")}
+    return {
+        ldm[: -len(".weight")]: key[: -len(".weight")] for ldm, (key, _) in converted.items() if ldm.endswith(".weight")
+    }
 
 
 def _ldm_tree(unet) -> nn.Module:
@@ -446,7 +453,9 @@ def test_ldm_names_match_the_single_file_converter():
     names = {".".join(path.split(".")[:i]) for path in pairs for i in range(1, path.count(".") + 2)}
     mapped = ldm_to_diffusers_names(sorted(names))
     layers = {name for name, module in unet.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
-    assert {ldm: key for ldm, key in pairs.items() if key in layers} == {ldm: key for ldm, key in mapped.items() if key in layers}
+    assert {ldm: key for ldm, key in pairs.items() if key in layers} == {
+        ldm: key for ldm, key in mapped.items() if key in layers
+    }
 
 
 def test_kohya_names_of_an_ldm_unet_are_the_diffusers_layers():
@@ -456,7 +465,9 @@ def test_kohya_names_of_an_ldm_unet_are_the_diffusers_layers():
     # every Linear/Conv2d layer the single-file format has is found, under the name kohya gives it
     assert set(on_ldm) == {key.replace(".", "_") for key in _ldm_pairs(unet).values()} & set(on_diffusers)
     assert all(on_ldm[name] is on_diffusers[name] for name in on_ldm)
-    attention = [name for name in on_diffusers if "attn1_to_q" in name or "attn2_to_out_0" in name or "ff_net_2" in name]
+    attention = [
+        name for name in on_diffusers if "attn1_to_q" in name or "attn2_to_out_0" in name or "ff_net_2" in name
+    ]
     assert attention and set(attention) <= set(on_ldm)
     resnet = [name for name in on_diffusers if "resnets_0_conv1" in name or "upsamplers_0_conv" in name]
     assert resnet and set(resnet) <= set(on_ldm)
@@ -492,7 +503,9 @@ def test_clip_text_layers_get_kohyas_names_in_every_transformers_version():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4))
+        encoder = CLIPTextModel(
+            CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+        )
     names = clip_text_kohya_names(encoder)
     assert "text_model_encoder_layers_0_self_attn_q_proj" in names
     assert all(name.startswith("text_model_") for name in names)
@@ -561,7 +574,9 @@ def test_harness_configuration_and_launch_command(tmp_path, monkeypatch):
     data = webui_harness.prepare_data_dir(tmp_path / "data", checkpoint)
     assert (data / "extensions" / "hgdpo").resolve() == REPO
     command = webui_harness.WebUI(config, data).command()
-    assert command[1] == "launch.py" and "--nowebui" in command and "--use-cpu" in command and command[-1] == "--medvram"
+    assert (
+        command[1] == "launch.py" and "--nowebui" in command and "--use-cpu" in command and command[-1] == "--medvram"
+    )
     assert command[command.index("--server-name") + 1] == "127.0.0.1"
     (webui_dir / "modules_forge").mkdir()
     assert "--always-cpu" in webui_harness.WebUI(config, data, ui=True).command()
