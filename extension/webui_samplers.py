@@ -171,6 +171,13 @@ def _paired_cond(cond, dpo):
     return prompt_parser.MulticondLearnedConditioning(shape=(len(cond.batch) * 2,), batch=[*cond.batch, *other.batch])
 
 
+def _paired_uncond(uncond, dpo, batch: int):
+    """The unconditional schedules of the lockstep batch: the SFT images', then the DPO images'."""
+    if isinstance(uncond, list):
+        return uncond + (uncond if dpo is None else dpo)
+    return _paired_rows(uncond, batch)
+
+
 def _paired_rows(value, batch: int):
     """A per-image tensor or list (image conditioning, masks, unconditional schedules) given to both chains."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
@@ -203,15 +210,13 @@ class LANDenoiser(sd_samplers_kdiffusion.CFGDenoiserKDiffusion):
     def _forward_batched(self, session, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         batch = session.batch
         lockstep.normalize_in_place(x, batch, session.strength)
-        uncond_dpo = session.uncond if session.cond is not None else None
-        paired_uncond = None if uncond is None else (uncond + (uncond_dpo if uncond_dpo is not None else uncond)
-                                                     if isinstance(uncond, list) else _paired_rows(uncond, batch))
         saved = {name: getattr(self, name) for name in ("mask", "nmask")}
         for name, value in saved.items():
             setattr(self, name, _paired_rows(value, batch))
         session.per_row = True
         try:
-            denoised = super().forward(x, sigma, paired_uncond, _paired_cond(cond, session.cond), cond_scale,
+            denoised = super().forward(x, sigma, _paired_uncond(uncond, session.uncond, batch),
+                                       _paired_cond(cond, session.cond), cond_scale,
                                        s_min_uncond, _paired_rows(image_cond, batch))
         finally:
             session.per_row = False
