@@ -113,9 +113,8 @@ def from_args(args: Sequence[Any], defaults: Settings | None = None) -> Settings
     """
     defaults = defaults or Settings()
     values = {field.name: getattr(defaults, field.name) for field in fields(Settings)}
-    args = [
-        arg.get("value") if isinstance(arg, Mapping) and "__type__" in arg else arg for arg in args
-    ]  # gradio updates
+    # gradio updates ({"__type__": "update", "value": ...}) stand for their value
+    args = [arg.get("value") if isinstance(arg, Mapping) and "__type__" in arg else arg for arg in args]
     if args and isinstance(args[0], Mapping):
         unknown = sorted(set(args[0]) - set(values))
         if unknown:

@@ -153,9 +153,8 @@ class WebUI(WebUIClient):
     def __enter__(self) -> WebUI:  # noqa: PYI034 (a subclass would still get a WebUI)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("MALLOC_ARENA_MAX", "2")
-        env.setdefault(
-            "MALLOC_MMAP_THRESHOLD_", "131072"
-        )  # large tensors in mmap: freed memory goes back (RSS 5 GB, not 9)
+        # large tensors in mmap: freed memory goes back to the system (RSS 5 GB, not 9)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
         env.pop("PYTHONPATH", None)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), cwd=self.config.webui_dir, env=env, stdout=log,

@@ -179,11 +179,9 @@ def _paired_uncond(uncond, dpo, batch: int):
 
 
 def _paired_rows(value, batch: int):
-    """A per-image tensor or list (image conditioning, masks, unconditional schedules) given to both chains."""
+    """A per-image tensor (image conditioning, masks) given to both chains; anything else as it is."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
         return lockstep.paired(value)
-    if isinstance(value, list) and len(value) == batch:
-        return value + value
     return value
 
 

@@ -136,18 +136,9 @@ def build_cache(
                     [encode_images(torch.stack(images[i : i + encode_batch_size]), components.vae)
                      for i in range(0, len(images), encode_batch_size)]
                 ).to(torch.float16).cpu()
-            tensors["text"] = (
-                torch.cat(
-                    [
-                        encode_prompts(
-                            prompts[i : i + encode_batch_size], components.tokenizer, components.text_encoder
-                        )
-                        for i in range(0, len(prompts), encode_batch_size)
-                    ]
-                )
-                .to(torch.float16)
-                .cpu()
-            )
+            batches = [prompts[i : i + encode_batch_size] for i in range(0, len(prompts), encode_batch_size)]
+            embeddings = [encode_prompts(batch, components.tokenizer, components.text_encoder) for batch in batches]
+            tensors["text"] = torch.cat(embeddings).to(torch.float16).cpu()
         with atomic_path(_chunk_path(directory, chunk)) as tmp:
             save_file(
                 {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"skipped": json.dumps(skipped)}

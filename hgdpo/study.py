@@ -269,14 +269,12 @@ class Study:
             if connection.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
                 raise ValueError(f"The study has no pair {pair_id}")
             connection.execute("INSERT OR IGNORE INTO raters VALUES (?, ?)", (rater, _now()))
-            recorded = (
-                connection.execute(
-                    "INSERT OR IGNORE INTO votes (rater, pair, a_on_left, choice, winner, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (rater, pair_id, int(a_on_left), choice, winner, _now()),
-                ).rowcount
-                == 1
+            cursor = connection.execute(
+                "INSERT OR IGNORE INTO votes (rater, pair, a_on_left, choice, winner, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (rater, pair_id, int(a_on_left), choice, winner, _now()),
             )
+            recorded = cursor.rowcount == 1
         return recorded
 
     def progress(self, rater: str) -> Progress:
