@@ -7,13 +7,18 @@ Precedence: built-in defaults < ``--config FILE`` (TOML) < flags given on the co
 from __future__ import annotations
 
 import argparse
-import tomllib
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from hgdpo.losses import DEFAULT_BETA, DEFAULT_LAMBDA_STAT
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (AUTOMATIC1111's): the same parser as a package
+    import tomli as tomllib
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # precision names used by every CLI
 
