@@ -1,9 +1,9 @@
 """HG-DPO as a ComfyUI custom node pack: clone this repository into ``ComfyUI/custom_nodes/``.
 
 ComfyUI imports this file and calls :func:`comfy_entrypoint` (the V3 node API, pinned to the numbered
-API version ``comfy_api.v0_0_2``). Nothing is imported at module level, so importing the pack costs
-nothing at ComfyUI's start, and test runners that import the repository root as a package need no
-ComfyUI. The nodes live in ``nodes/``, the library they use in ``hgdpo/``.
+API version ``comfy_api.v0_0_2``; ``nodes/comfy_internals.py`` says why). Nothing is imported at module
+level, so importing the pack costs nothing at ComfyUI's start, and test runners that import the
+repository root as a package need no ComfyUI. The nodes live in ``nodes/``, the library they use in ``hgdpo/``.
 """
 
 if __name__ == "hgdpo":  # pragma: no cover - a test runner imported a checkout folder named "hgdpo" as a package
@@ -18,9 +18,8 @@ if __name__ == "hgdpo":  # pragma: no cover - a test runner imported a checkout 
 
 async def comfy_entrypoint():
     """The pack's ``ComfyExtension`` (called by ComfyUI's custom node loader)."""
-    from comfy_api.v0_0_2 import ComfyExtension
-
     from .nodes import node_list
+    from .nodes.comfy_internals import ComfyExtension
 
     class HGDPOExtension(ComfyExtension):
         async def get_node_list(self):

@@ -8,10 +8,9 @@ step the DPO latent takes the SFT latent's per-channel mean and std. The samplin
 
 from __future__ import annotations
 
-from comfy_api.v0_0_2 import io
+from .comfy_internals import intermediate_device, io, ksampler_inputs, lan_sampler_names, scheduler_names
 
 CATEGORY = "HG-DPO"
-UNSUPPORTED_SAMPLERS = ("uni_pc", "uni_pc_bh2")  # see lan_guider.UNSUPPORTED_SAMPLERS (not imported here: torch-free)
 
 
 def _lan_inputs() -> list:
@@ -64,9 +63,6 @@ class LANGuiderNode(io.ComfyNode):
 class LANKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        import comfy.samplers
-
-        samplers = [name for name in comfy.samplers.KSampler.SAMPLERS if name not in UNSUPPORTED_SAMPLERS]
         return io.Schema(
             node_id="HGDPOLANKSampler",
             display_name="LAN KSampler (HG-DPO)",
@@ -80,8 +76,8 @@ class LANKSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Int.Input("steps", default=20, min=1, max=10000),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=samplers),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                io.Combo.Input("sampler_name", options=lan_sampler_names()),
+                io.Combo.Input("scheduler", options=scheduler_names()),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),
@@ -95,24 +91,11 @@ class LANKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, sft_model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, lan_strength) -> io.NodeOutput:
-        import comfy.model_management
-        import comfy.sample
-        import comfy.samplers
-        import comfy.utils
-        import latent_preview
-
         guider = _guider(model, sft_model, positive, negative, cfg, lan_strength)
         # As nodes.common_ksampler does for the stock KSampler, with the guider in place of CFGGuider.
-        latent = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent_image["samples"])
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        sigmas = comfy.samplers.KSampler(guider.model_patcher, steps=steps, device=guider.model_patcher.load_device,
-                                         sampler=sampler_name, scheduler=scheduler, denoise=denoise,
-                                         model_options=guider.model_patcher.model_options).sigmas
-        callback = latent_preview.prepare_callback(guider.model_patcher, steps)
-        samples = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas,
-                                denoise_mask=latent_image.get("noise_mask"), callback=callback,
-                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        device = comfy.model_management.intermediate_device()
+        inputs = ksampler_inputs(guider.model_patcher, latent_image, seed, steps, sampler_name, scheduler, denoise)
+        samples = guider.sample(**inputs)
+        device = intermediate_device()
         dpo, sft = latent_image.copy(), latent_image.copy()
         dpo["samples"], sft["samples"] = samples.to(device), guider.sft_samples.to(device)
         return io.NodeOutput(dpo, sft)

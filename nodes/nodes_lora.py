@@ -10,7 +10,8 @@ a clear error instead of ComfyUI's "lora key not loaded" lines.
 from __future__ import annotations
 
 import folder_paths
-from comfy_api.v0_0_2 import io
+
+from .comfy_internals import apply_lora, io, load_safetensors, model_family, model_weights, require, unet_lora_keys
 
 CATEGORY = "HG-DPO"
 DEFAULT_STRENGTH = 0.5
@@ -18,18 +19,16 @@ DEFAULT_STRENGTH = 0.5
 
 def _unet_fit(model, lora_name: str, unet_modules: dict) -> None:
     """Refuse a LoRA whose UNet modules do not all map onto ``model`` (ComfyUI's own key map) with fitting shapes."""
-    import comfy.lora
-
-    family = type(model.model.model_config).__name__
+    family = model_family(model)[0]
     advice = "HG-DPO LoRAs are made for SD1.5-family checkpoints; load the checkpoint the LoRA was trained on."
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map = unet_lora_keys(model)
     unknown = [name for name in unet_modules if name not in key_map]
     if unknown:
         raise ValueError(
             f"{lora_name} does not fit this {family} model: {len(unknown)} of {len(unet_modules)} UNet modules are "
             f"unknown to it (e.g. {unknown[0]}). {advice}"
         )
-    weights = model.model.state_dict()
+    weights = model_weights(model)
     for name, module in unet_modules.items():
         weight = weights[key_map[name]]
         if module.up.shape[0] != weight.shape[0] or module.down.shape[1] != weight.shape[1]:
@@ -64,20 +63,18 @@ class HGDPOLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength, clip=None) -> io.NodeOutput:
-        import comfy.sd
-        import comfy.utils
-
         from hgdpo.lora_runtime import TEXT_ENCODER_PREFIX, UNET_PREFIX, lora_from_state_dict
 
+        require("LoRA")
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         if not str(path).endswith(".safetensors"):
             raise ValueError(f"{lora_name}: HG-DPO LoRAs are .safetensors files (pickled files can carry code).")
-        state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-        lora = lora_from_state_dict(state_dict, metadata or {}, lora_name)  # refuses other architectures
+        state_dict, metadata = load_safetensors(path)
+        lora = lora_from_state_dict(state_dict, metadata, lora_name)  # refuses other architectures
         _unet_fit(model, lora_name, {UNET_PREFIX + name: module for name, module in lora.unet.items()})
         if strength == 0.0:
             return io.NodeOutput(model, clip)
         if clip is None:  # the text-encoder part needs CLIP: leave it out rather than log it as "not loaded"
             state_dict = {key: value for key, value in state_dict.items() if not key.startswith(TEXT_ENCODER_PREFIX)}
-        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, state_dict, strength, strength)
+        new_model, new_clip = apply_lora(model, clip, state_dict, strength)
         return io.NodeOutput(new_model, new_clip)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 
 import folder_paths
-from comfy_api.v0_0_2 import io, ui
+
+from .comfy_internals import io, load_fully, managed_model, require, scorer_devices, ui
 
 CATEGORY = "HG-DPO"
 FOLDER = "pickscore"
@@ -94,9 +95,7 @@ class ManagedPickScore:
         self.patcher = patcher
 
     def score(self, prompts, images):
-        import comfy.model_management
-
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        load_fully(self.patcher)
         self.scorer.device = self.patcher.load_device
         return self.scorer.score(prompts, images)
 
@@ -125,16 +124,14 @@ class PickScoreLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, processor, precision) -> io.NodeOutput:
-        import comfy.model_management
-        import comfy.model_patcher
         import torch
 
         from hgdpo.scorers import PickScoreScorer, ScorerWeightsError
 
-        load_device = comfy.model_management.get_torch_device()
-        offload_device = comfy.model_management.unet_offload_device()
+        require("PickScore")
+        load_device, offload_device, fp16 = scorer_devices()
         if precision == "auto":
-            dtype = torch.float16 if comfy.model_management.should_use_fp16(load_device) else torch.float32
+            dtype = torch.float16 if fp16 else torch.float32
         else:
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         try:
@@ -144,7 +141,7 @@ class PickScoreLoader(io.ComfyNode):
             raise ScorerWeightsError(missing_weights_message(error)) from error
         holder = torch.nn.Module()  # ModelPatcher sets attributes (device...) that a transformers model forbids
         holder.pickscore = scorer.model
-        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+        patcher = managed_model(holder, load_device, offload_device)
         return io.NodeOutput(ManagedPickScore(scorer, patcher))
 
 

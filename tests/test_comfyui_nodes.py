@@ -71,6 +71,12 @@ def comfy(tmp_path_factory, tiny_clip_dirs):
     )
 
 
+def pack_internals(comfy):
+    """The pack's ``nodes/comfy_internals.py`` as ComfyUI's loader imported it."""
+    package = comfy.node["HGDPOLANKSampler"].__module__.rsplit(".", 1)[0]
+    return sys.modules[f"{package}.comfy_internals"]
+
+
 def lan_ksampler(comfy, model=None, sft_model=None, sampler="dpmpp_2m", scheduler="karras", steps=4, seed=3,
                  latent=None, denoise=1.0, strength=1.0):
     result = comfy.node["HGDPOLANKSampler"].execute(
@@ -325,6 +331,67 @@ def test_lan_refuses_models_of_another_family_and_unsupported_samplers(comfy):
     with pytest.raises(ValueError, match="sample_unipc is not supported by LAN"):
         comfy.custom.SamplerCustomAdvanced().sample(comfy.custom.RandomNoise().get_noise(0)[0], guider,
                                                     comfy.samplers.sampler_object("uni_pc"), sigmas, comfy.latent)
+
+
+def test_the_pack_finds_every_comfyui_internal_it_uses(comfy):
+    internals = pack_internals(comfy)
+    assert internals.comfyui_version() == support.comfy_version(comfy.path) != "unknown"
+    assert internals.missing_internals() == []
+    assert {"euler", "dpmpp_2m", "ddim"} <= set(internals.lan_sampler_names())
+    assert not {"uni_pc", "uni_pc_bh2"} & set(internals.lan_sampler_names())  # detected: they rescale the latent
+
+
+def test_a_missing_internal_fails_before_sampling_and_names_the_version(comfy, monkeypatch):
+    """An older or newer ComfyUI without an internal: one clear message, before any model is loaded or sampled."""
+    internals = pack_internals(comfy)
+    version = internals.comfyui_version()
+    progress = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, *rest, **kwargs: progress.append(value))
+    monkeypatch.delattr(comfy.samplers.CFGGuider, "inner_sample")
+    try:
+        with pytest.raises(internals.ComfyUIVersionError) as raised:
+            lan_ksampler(comfy, steps=2)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    message = str(raised.value)
+    assert f"HG-DPO LAN cannot run on ComfyUI {version}: it lacks comfy.samplers.CFGGuider.inner_sample." in message
+    assert "Update ComfyUI" in message and "\n" not in message and progress == []
+    monkeypatch.undo()
+
+    def old_load_torch_file(ckpt, safe_load=False, device=None):  # a loader without return_metadata
+        raise AssertionError("must not be called")
+
+    monkeypatch.setattr(comfy.utils, "load_torch_file", old_load_torch_file)
+    with pytest.raises(internals.ComfyUIVersionError, match=r"LoRA cannot run .* comfy\.utils\.load_torch_file\("
+                                                            r"return_metadata=\)"):
+        comfy.node["HGDPOLoraLoader"].execute(model=comfy.model, lora_name=support.LORA, strength=0.5)
+    monkeypatch.undo()
+    lan_ksampler(comfy, steps=1)  # and with everything back, it runs
+
+
+def test_lan_refuses_bad_strengths_samplers_and_patches_with_the_input_named(comfy):
+    from comfy.weight_adapter.loha import LoHaAdapter
+
+    guider = comfy.node["HGDPOLANGuider"]
+    with pytest.raises(ValueError, match=r"LAN strength must lie in \[0, 1\], got 1.5"):
+        guider.execute(model=comfy.dpo, sft_model=comfy.model, positive=comfy.positive, negative=comfy.negative,
+                       cfg=5.0, lan_strength=1.5)
+
+    class OwnSampler:  # a SAMPLER that is not one of ComfyUI's k-diffusion KSAMPLERs
+        def sample(self, *args, **kwargs):
+            raise AssertionError("must not be called")
+
+    lan = guider.execute(model=comfy.dpo, sft_model=comfy.model, positive=comfy.positive, negative=comfy.negative,
+                         cfg=5.0, lan_strength=1.0).args[0]
+    sigmas = comfy.custom.BasicScheduler().get_sigmas(comfy.model, "karras", 2, 1.0)[0]
+    with pytest.raises(ValueError, match="runs ComfyUI's k-diffusion samplers .* got a OwnSampler"):
+        comfy.custom.SamplerCustomAdvanced().sample(comfy.custom.RandomNoise().get_noise(0)[0], lan, OwnSampler(),
+                                                    sigmas, comfy.latent)
+    loha = comfy.model.clone()
+    key = next(iter(comfy.dpo.patches))
+    loha.add_patches({key: LoHaAdapter(set(), (None,) * 8)}, 1.0)
+    with pytest.raises(ValueError, match=f"plain LoRA patches only; the DPO model has a 'loha' patch on {key}"):
+        lan_ksampler(comfy, model=loha)
 
 
 # --------------------------------------------------------------------------- PickScore

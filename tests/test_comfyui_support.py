@@ -6,7 +6,7 @@ environment variable and are skipped, with that reason, without it::
     HGDPO_COMFYUI_DIR=/path/to/ComfyUI HGDPO_COMFYUI_PYTHON=/path/to/comfy-venv/bin/python \\
         /path/to/comfy-venv/bin/python -m pytest tests/test_comfyui_nodes.py tests/test_comfyui_server.py
 
-* ``HGDPO_COMFYUI_DIR``: the ComfyUI folder (``main.py``, ``comfy/``); tested with ComfyUI 0.3.64.
+* ``HGDPO_COMFYUI_DIR``: the ComfyUI folder (``main.py``, ``comfy/``); tested with ComfyUI 0.3.64 and 0.33.0.
 * ``HGDPO_COMFYUI_PYTHON``: the interpreter with ComfyUI's requirements (and hgdpo's) that runs the server
   (default: the one running pytest). The node-level tests import ComfyUI into the test process, so run
   pytest itself with that interpreter.
