@@ -30,7 +30,7 @@ What the pack uses, and for what:
 * **Models** (``comfy.model_patcher``): ``ModelPatcher.model`` (``model_config``, ``latent_format.
   latent_channels``, ``apply_model``, its submodules), ``patches`` (key -> list of ``(strength, adapter,
   strength_model, offset, function)``, the tuples ``add_patches`` appends), ``clone``,
-  ``set_additional_models``, ``is_dynamic`` (0.33; absent before: not dynamic), ``create_model_options_clone``;
+  ``set_additional_models``, ``is_dynamic`` (0.28+; absent in 0.3.64: not dynamic), ``create_model_options_clone``;
   ``comfy.weight_adapter.LoRAAdapter`` (``weights = (up, down, alpha, mid, dora_scale, reshape)``, ``name``).
 * **Wrappers** (``comfy.patcher_extension``): ``add_wrapper_with_key(WrappersMP.APPLY_MODEL, ...)`` and the
   ``transformer_options["wrappers"]`` dict; the wrapped call is ``BaseModel._apply_model(x, t, c_concat,
@@ -40,7 +40,7 @@ What the pack uses, and for what:
 * **PickScore**: ``comfy.model_management.get_torch_device``/``unet_offload_device``/``should_use_fp16``/
   ``load_models_gpu(..., force_full_load=True)``, and a plain ``ModelPatcher`` around the CLIP model.
 
-**Dynamic VRAM** (0.33, ``ModelPatcherDynamic`` with comfy-aimdo, on by default on GPUs; off under ``--cpu``,
+**Dynamic VRAM** (0.28+, ``ModelPatcherDynamic`` with comfy-aimdo, on by default on GPUs; off under ``--cpu``,
 where ``ModelPatcherDynamic`` falls back to ``ModelPatcher``): it leaves the large layers' weights on the
 offload device and casts them (with the loading patcher's own patches, ``LowVramPatch``) inside each layer's
 forward. The shared-weights fast path reads only ``ModelPatcher.patches`` (the same dict in both classes) and
