@@ -62,6 +62,7 @@ def api_dependencies(app) -> list | None:
             return dependencies
     return None
 
+
 def lora_folder() -> Path:
     folder = getattr(shared.cmd_opts, "lora_dir", None)
     return Path(folder) if folder else Path(paths.models_path) / "Lora"

@@ -321,8 +321,8 @@ def test_list_resolve_and_hash(lora_folder):
 
 
 @pytest.mark.parametrize("name", ["{outside}/hgdpo_v1.safetensors", "{outside}/secret.safetensors",
-                                  "{inside}/people/hgdpo_v1.safetensors", "../outside/hgdpo_v1", "people/../../outside/x",
-                                  "~/x", "C:\\loras\\x", "people\\..\\..\\x"])
+                                  "{inside}/people/hgdpo_v1.safetensors", "../outside/hgdpo_v1",
+                                  "people/../../outside/x", "~/x", "C:\\loras\\x", "people\\..\\..\\x"])
 def test_resolve_takes_only_names_the_lora_folder_lists(tmp_path, lora_folder, name):
     """An API caller cannot make the WebUI open a file by path (the folder's own files included): refused before
     anything is read, and the message names the Lora folder, nothing of the file."""
