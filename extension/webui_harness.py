@@ -60,8 +60,8 @@ def config_from_environment() -> tuple[WebUIConfig | None, str]:
     """The configured WebUI, or (None, why the integration tests are skipped)."""
     directory = os.environ.get(ENV_DIR)
     if not directory:
-        return None, (f"no WebUI to test against: set {ENV_DIR} to an AUTOMATIC1111 1.10 or Forge source tree, "
-                      f"{ENV_PYTHON} to its Python and {ENV_CKPT} to an SD1.5 checkpoint")
+        return None, (f"no WebUI to test against: set {ENV_DIR} to an AUTOMATIC1111 1.10, Forge or Forge Neo "
+                      f"source tree, {ENV_PYTHON} to its Python and {ENV_CKPT} to an SD1.5 checkpoint")
     webui_dir = Path(directory).expanduser()
     python = Path(os.environ.get(ENV_PYTHON) or webui_dir / "venv" / "bin" / "python").expanduser()
     checkpoint = Path(os.environ.get(ENV_CKPT, "")).expanduser()

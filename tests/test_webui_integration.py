@@ -1,4 +1,4 @@
-"""The extension in a real WebUI (AUTOMATIC1111 1.10 or Forge), headless on the CPU, through its HTTP API.
+"""The extension in a real WebUI (AUTOMATIC1111 1.10, Forge or Forge Neo), headless on the CPU, through its HTTP API.
 
 Skipped unless a WebUI is configured (CI cannot fetch one): set ``HGDPO_WEBUI_DIR`` (the WebUI's source
 tree), ``HGDPO_WEBUI_PYTHON`` (its Python) and ``HGDPO_WEBUI_CKPT`` (an SD1.5-architecture checkpoint;
