@@ -13,6 +13,7 @@ PickScore's files live in one folder (default ``models/pickscore`` of the WebUI)
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,28 @@ def pickscore_folders(root: str | Path) -> tuple[Path, Path]:
         + f" --local-dir {processor}\n"
         + "(with huggingface_hub >= 1.0 the command is `hf download`, and --include takes one pattern each). "
         + "Or set another folder in the HG-DPO accordion (scorer weights) or in Settings > HG-DPO."
+    )
+
+
+class ScorerFolderError(ValueError):
+    """A PickScore folder asked for outside the folders the WebUI allows."""
+
+
+def check_scorer_folder(folder: str | Path, allowed: Sequence[str | Path]) -> Path:
+    """``folder`` made absolute, or ScorerFolderError when it lies in none of the ``allowed`` folders.
+
+    Compared after normalising ``..`` away (``models/../../etc`` is outside), before anything in it is
+    looked at, so the error says nothing about what the folder holds. Links inside an allowed folder are
+    followed like the WebUI follows them in its models folder: only the admin can create those.
+    """
+    path = Path(os.path.abspath(Path(folder).expanduser()))
+    roots = [Path(os.path.abspath(Path(root).expanduser())) for root in allowed]
+    if any(path == root or root in path.parents for root in roots):
+        return path
+    raise ScorerFolderError(
+        f"HG-DPO PickScore folder {str(folder)!r} is outside the folders the WebUI allows for it "
+        f"({', '.join(str(root) for root in roots)}). Put PickScore under one of them, or set its folder in "
+        "Settings > HG-DPO."
     )
 
 

@@ -66,17 +66,27 @@ def short_hash(path: str | Path) -> str:
     return value
 
 
-def resolve(name: str, folder: str | Path, lora_hash: str | None = None) -> LoRAEntry:
-    """The LoRA file a name (or path) means, or FileNotFoundError listing what the folder holds.
+def _is_path(text: str) -> bool:
+    """Whether a LoRA name is written as a path (absolute, ``..``, a drive or backslashes): never accepted."""
+    parts = text.replace("\\", "/").split("/")
+    return text.startswith(("/", "~")) or "\\" in text or ":" in text or ".." in parts
 
-    Tried in order: a path to an existing ``.safetensors`` file; the exact name; the same name without
+
+def resolve(name: str, folder: str | Path, lora_hash: str | None = None) -> LoRAEntry:
+    """The LoRA file of the Lora folder a name means, or FileNotFoundError listing what the folder holds.
+
+    Only files :func:`list_loras` lists are ever returned: a name written as a path (absolute, with ``..``,
+    ``~``, a drive letter) is refused before anything is read, so an API caller cannot make the WebUI open
+    a file elsewhere. Tried in order: the exact name (``.safetensors`` optional); the same name without
     sub-folders; when ``lora_hash`` is given, a file with that hash.
     """
     folder = Path(folder)
     text = (name or "").strip()
-    if text.endswith(SUFFIX) and Path(text).is_file():
-        path = Path(text)
-        return LoRAEntry(path.stem, path)
+    if _is_path(text):
+        raise FileNotFoundError(
+            f"HG-DPO LoRA {text!r} is a path; give the name of a file in {folder} (the WebUI's Lora folder), "
+            "as the HG-DPO accordion lists it."
+        )
     text = text.removesuffix(SUFFIX)
     entries = list_loras(folder)
     for entry in entries:
@@ -101,6 +111,17 @@ def resolve(name: str, folder: str | Path, lora_hash: str | None = None) -> LoRA
     )
 
 
+def _read_checked(path: Path) -> LoRAFile:
+    """The file read by :func:`hgdpo.lora_runtime.read_lora`, refused when it holds no UNet weights."""
+    lora = read_lora(path)
+    if not lora.unet:
+        raise LoRAArchitectureError(
+            f"{path} holds no UNet weights (only {len(lora.text_encoder)} text-encoder modules); an HG-DPO LoRA "
+            "adapts the UNet."
+        )
+    return lora
+
+
 def load(path: str | Path) -> LoRAFile:
     """The LoRA read by :func:`hgdpo.lora_runtime.read_lora`, cached while the file is unchanged.
 
@@ -113,16 +134,61 @@ def load(path: str | Path) -> LoRAFile:
     with _lock:
         if key in _loaded:
             return _loaded[key]
-    lora = read_lora(path)
-    if not lora.unet:
-        raise LoRAArchitectureError(
-            f"{path} holds no UNet weights (only {len(lora.text_encoder)} text-encoder modules); an HG-DPO LoRA "
-            "adapts the UNet."
-        )
+    lora = _read_checked(path)
     with _lock:
         _loaded.clear()  # keep one LoRA in memory
         _loaded[key] = lora
     return lora
+
+
+@dataclass(frozen=True)
+class LoRASummary:
+    """What the status route reports of one file: its short hash, ``hgdpo.*`` metadata, or why it cannot be used."""
+
+    hash: str | None
+    hgdpo: dict[str, str]
+    problem: str | None
+
+
+_summaries: dict[tuple[str, int, int], LoRASummary] = {}
+
+
+def _summarize(path: Path) -> LoRASummary:
+    try:
+        digest = short_hash(path)
+    except OSError as error:
+        return LoRASummary(None, {}, str(error))
+    try:
+        return LoRASummary(digest, hgdpo_metadata(_read_checked(path)), None)  # not load(): keeps its cache
+    except (LoRAArchitectureError, ValueError, OSError) as error:
+        return LoRASummary(digest, {}, str(error))
+
+
+def summaries(entries: list[LoRAEntry]) -> list[LoRASummary]:
+    """A summary of each entry, read once per file version (cached by path, size and mtime).
+
+    The cache keeps only the files of the latest call, so it holds one entry per file of the Lora folder.
+    """
+    keyed = []
+    for entry in entries:
+        try:
+            keyed.append((_key(entry.path), entry.path))
+        except OSError:  # vanished since it was listed
+            keyed.append((None, entry.path))
+    with _lock:
+        known = {key: _summaries[key] for key, _path in keyed if key in _summaries}
+    result = []
+    for key, path in keyed:
+        if key is None:
+            result.append(LoRASummary(None, {}, f"HG-DPO LoRA file {path} not found."))
+            continue
+        if key not in known:
+            known[key] = _summarize(path)
+        result.append(known[key])
+    with _lock:
+        _summaries.clear()
+        _summaries.update(known)
+    return result
 
 
 def hgdpo_metadata(lora: LoRAFile) -> dict[str, str]:

@@ -8,7 +8,11 @@ CLIP text model    ``sd_model.cond_stage_model.wrapped``        ``sd_model.forge
                    ``.transformer``                             ``.clip_l.transformer``
 Model family       ``is_sd1/is_sd2/is_sdxl/is_sd3``             the same flags on the engine (Flux has none set)
 Lora folder        ``cmd_opts.lora_dir``                        ``cmd_opts.lora_dir``
+API auth           the ``dependencies`` of its ``/sdapi/v1/txt2img`` route (``Api.auth`` under ``--api-auth``), in both
 =================  =========================================  =====================================================
+
+Forge Neo (Haoming02's ``neo`` branch of sd-webui-forge-classic) has Forge's layout in every row above; it is
+told apart only for the name it reports (``modules_forge.forge_version``).
 
 Both run the k-diffusion samplers through ``KDiffusionSampler`` and ``CFGDenoiser.forward(x, sigma, uncond,
 cond, cond_scale, s_min_uncond, image_cond)``, which is what the LAN samplers subclass.
@@ -23,10 +27,41 @@ from pathlib import Path
 from modules import paths, shared
 from torch import nn
 
-from . import settings
+from . import best_of, settings
 
 IS_FORGE = importlib.util.find_spec("modules_forge") is not None
-NAME = "Forge" if IS_FORGE else "AUTOMATIC1111"
+API_ROUTE = "/sdapi/v1/txt2img"
+"""A route the WebUI's own ``Api`` class mounts (through ``Api.add_api_route``, with ``--api-auth``'s check)."""
+
+
+def _name() -> str:
+    if not IS_FORGE:
+        return "AUTOMATIC1111"
+    try:
+        from modules_forge import forge_version
+    except ImportError:
+        return "Forge"
+    return "Forge Neo" if str(getattr(forge_version, "version", "")).startswith("neo") else "Forge"
+
+
+NAME = _name()
+
+
+def api_dependencies(app) -> list | None:
+    """The dependencies of the WebUI's own API routes on ``app`` (its ``--api-auth`` check), or None when the
+    WebUI's API is not mounted there (started without ``--api``).
+
+    An extension route given these is refused or allowed exactly like ``/sdapi/v1/txt2img``. With
+    ``--api-auth`` set and no dependency found, ``RuntimeError``: better no route than an open one.
+    """
+    for route in getattr(app, "routes", ()):
+        if getattr(route, "path", None) == API_ROUTE and hasattr(route, "dependencies"):
+            dependencies = list(route.dependencies)
+            if getattr(shared.cmd_opts, "api_auth", None) and not dependencies:
+                raise RuntimeError(f"--api-auth is set but {NAME}'s {API_ROUTE} route carries no auth dependency.")
+            return dependencies
+    return None
+
 
 def lora_folder() -> Path:
     folder = getattr(shared.cmd_opts, "lora_dir", None)
@@ -38,10 +73,20 @@ def default_scorer_folder() -> Path:
 
 
 def scorer_folder(configured: str) -> Path:
-    """The accordion's folder, else Settings > HG-DPO, else ``models/pickscore``; relative to the WebUI data folder."""
-    text = (configured or "").strip() or str(shared.opts.data.get("hgdpo_scorer_dir", "") or "").strip()
+    """The accordion's folder, else Settings > HG-DPO, else ``models/pickscore``; relative to the WebUI data folder.
+
+    A folder given in the accordion (or an API call) must lie in the WebUI's models folder or in the one set in
+    Settings > HG-DPO (:func:`extension.best_of.check_scorer_folder`); the setting itself is the admin's choice.
+    """
+    setting = str(shared.opts.data.get("hgdpo_scorer_dir", "") or "").strip()
+    text = (configured or "").strip()
     if not text:
-        return default_scorer_folder()
+        return _data_relative(setting) if setting else default_scorer_folder()
+    allowed = [Path(paths.models_path), *([_data_relative(setting)] if setting else [])]
+    return best_of.check_scorer_folder(_data_relative(text), allowed)
+
+
+def _data_relative(text: str) -> Path:
     path = Path(os.path.expanduser(text))
     return path if path.is_absolute() else Path(paths.data_path) / path
 

@@ -1,10 +1,12 @@
-"""Run a real WebUI (AUTOMATIC1111 1.10 or Forge) headless with this extension: for the integration tests
+"""Run a real WebUI (AUTOMATIC1111 1.10, Forge or Forge Neo) headless with this extension: for the integration tests
 and the benchmark. Framework-free (standard library only).
 
 Nothing is fetched or installed. The WebUI is one the user already has, named by environment variables:
 
 ``HGDPO_WEBUI_DIR``
-    its source tree (the folder with ``launch.py``); a Forge tree is recognised by ``modules_forge/``.
+    its source tree (the folder with ``launch.py``); a Forge or Forge Neo tree is recognised by
+    ``modules_forge/``, and the launch flags each takes are read from its argument parsers
+    (:func:`host_flags`).
 ``HGDPO_WEBUI_PYTHON``
     its Python (default: ``$HGDPO_WEBUI_DIR/venv/bin/python``, where ``webui.sh`` puts it).
 ``HGDPO_WEBUI_CKPT``
@@ -12,7 +14,7 @@ Nothing is fetched or installed. The WebUI is one the user already has, named by
 ``HGDPO_WEBUI_ARGS``
     extra launch arguments (optional).
 
-The WebUI runs with ``--skip-prepare-environment`` (no installs, no git), CPU flags unless
+The WebUI runs with ``--skip-prepare-environment`` (no installs, no git), the CPU flags it has unless
 ``HGDPO_WEBUI_DEVICE=gpu``, the API on, bound to 127.0.0.1 on a free port, and a private ``--data-dir``
 holding ``extensions/hgdpo`` (a link to this repository), the checkpoint (a link) and the ``Lora`` and
 ``pickscore`` model folders the caller fills. The user's WebUI folders are not touched.
@@ -20,8 +22,10 @@ holding ``extensions/hgdpo`` (a link to this repository), the checkpoint (a link
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -56,8 +60,8 @@ def config_from_environment() -> tuple[WebUIConfig | None, str]:
     """The configured WebUI, or (None, why the integration tests are skipped)."""
     directory = os.environ.get(ENV_DIR)
     if not directory:
-        return None, (f"no WebUI to test against: set {ENV_DIR} to an AUTOMATIC1111 1.10 or Forge source tree, "
-                      f"{ENV_PYTHON} to its Python and {ENV_CKPT} to an SD1.5 checkpoint")
+        return None, (f"no WebUI to test against: set {ENV_DIR} to an AUTOMATIC1111 1.10, Forge or Forge Neo "
+                      f"source tree, {ENV_PYTHON} to its Python and {ENV_CKPT} to an SD1.5 checkpoint")
     webui_dir = Path(directory).expanduser()
     python = Path(os.environ.get(ENV_PYTHON) or webui_dir / "venv" / "bin" / "python").expanduser()
     checkpoint = Path(os.environ.get(ENV_CKPT, "")).expanduser()
@@ -92,16 +96,49 @@ def prepare_data_dir(root: Path, checkpoint: Path) -> Path:
     return root
 
 
+_FLAG = re.compile(r"""add_argument\(\s*["'](--[A-Za-z0-9_-]+)["']""")
+_ARGUMENT_FILES = ("modules/cmd_args.py", "modules/paths_internal.py", "backend/args.py")
+"""Where AUTOMATIC1111 (``modules/``), Forge and Forge Neo (also ``backend/``) define their launch flags."""
+
+
+def host_flags(webui_dir: Path) -> set[str]:
+    """The launch flags a WebUI tree defines (read from its argument parsers' source, nothing is run)."""
+    flags: set[str] = set()
+    for name in _ARGUMENT_FILES:
+        path = Path(webui_dir) / name
+        if path.is_file():
+            flags.update(_FLAG.findall(path.read_text(errors="replace")))
+    return flags
+
+
+def cpu_flags(flags: set[str]) -> list[str]:
+    """Flags that run everything on the CPU in full precision, by what the WebUI offers."""
+    if "--always-cpu" in flags:  # Forge
+        return ["--always-cpu"]
+    if "--cpu" in flags:  # Forge Neo
+        return ["--cpu"]
+    return ["--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--precision", "full"]  # AUTOMATIC1111
+
+
 class WebUIClient:
-    """HTTP calls to a WebUI's API (``WebUIClient("http://127.0.0.1:7860")`` for one that is already running)."""
+    """HTTP calls to a WebUI's API (``WebUIClient("http://127.0.0.1:7860")`` for one that is already running).
 
-    def __init__(self, url: str):
+    ``auth`` is the ``(user, password)`` of the WebUI's ``--api-auth``, sent as HTTP basic auth.
+    """
+
+    def __init__(self, url: str, auth: tuple[str, str] | None = None):
         self.url = url.rstrip("/")
+        self.auth = auth
 
-    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 1800.0) -> tuple[int, dict]:
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 1800.0,
+                auth: bool = True) -> tuple[int, dict]:
+        """``(HTTP status, JSON body)``; ``auth=False`` sends no credentials even when the client has some."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if auth and self.auth is not None:
+            token = base64.b64encode(":".join(self.auth).encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.load(response)
@@ -125,29 +162,32 @@ class WebUIClient:
 class WebUI(WebUIClient):
     """A WebUI process: ``with WebUI(config, data_dir) as webui: webui.post("/sdapi/v1/txt2img", {...})``."""
 
-    def __init__(self, config: WebUIConfig, data_dir: Path, *, ui: bool = False, startup_timeout: float = 600.0):
+    def __init__(self, config: WebUIConfig, data_dir: Path, *, ui: bool = False, startup_timeout: float = 600.0,
+                 api_auth: tuple[str, str] | None = None):
         self.config = config
         self.data_dir = Path(data_dir)
         self.ui = ui
         self.startup_timeout = startup_timeout
         self.port = _free_port()
-        super().__init__(f"http://127.0.0.1:{self.port}")
+        super().__init__(f"http://127.0.0.1:{self.port}", api_auth)
         self.log_path = self.data_dir / ("webui-ui.log" if ui else "webui.log")
         self.process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
         checkpoint = self.data_dir / "models" / "Stable-diffusion" / self.config.checkpoint.name
+        flags = host_flags(self.config.webui_dir)
         args = [str(self.config.python), "launch.py", "--skip-prepare-environment", "--skip-version-check", "--api",
-                "--server-name", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
-                "--ckpt", str(checkpoint), "--no-download-sd-model"]
+                "--server-name", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        if "--ckpt" in flags:  # Forge Neo has no --ckpt: it loads the data dir's only checkpoint
+            args += ["--ckpt", str(checkpoint)]
+        if "--no-download-sd-model" in flags:
+            args.append("--no-download-sd-model")
         if not self.ui:
             args.append("--nowebui")
         if not self.config.gpu:
-            args += (
-                ["--always-cpu"]
-                if self.config.is_forge
-                else ["--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--precision", "full"]
-            )
+            args += cpu_flags(flags)
+        if self.auth is not None:
+            args += ["--api-auth", ":".join(self.auth)]
         return args + self.config.extra_args
 
     def __enter__(self) -> WebUI:  # noqa: PYI034 (a subclass would still get a WebUI)

@@ -10,6 +10,7 @@ that use neither a LAN sampler nor best-of-N are never touched.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from pathlib import Path
@@ -328,6 +329,16 @@ def _xyz_axes() -> dict[str, dict[str, int]]:
     return result
 
 
+def _xyz_arguments() -> list[str]:
+    """The names of the X/Y/Z plot's arguments in the order its API ``script_args`` take them (they differ
+    between WebUIs: Forge Neo adds ``row_count``)."""
+    xyz = _xyz_module()
+    run = getattr(getattr(xyz, "Script", None), "run", None)
+    if run is None:
+        return []
+    return list(inspect.signature(run).parameters)[2:]  # after self and p
+
+
 def _model_problem() -> str | None:
     model = shared.sd_model
     if model is None or type(model).__name__ == "FakeInitialModel":  # Forge loads the checkpoint at the first job
@@ -337,15 +348,9 @@ def _model_problem() -> str | None:
 
 def _status() -> dict:
     folder = backend.lora_folder()
-    loras = []
-    for entry in lora_files.list_loras(folder):
-        item = {"name": entry.name, "hash": None, "hgdpo": {}, "problem": None}
-        try:
-            item["hash"] = lora_files.short_hash(entry.path)
-            item["hgdpo"] = lora_files.hgdpo_metadata(lora_files.load(entry.path))
-        except Exception as error:  # noqa: BLE001 (listed with its problem)
-            item["problem"] = str(error)
-        loras.append(item)
+    entries = lora_files.list_loras(folder)
+    loras = [{"name": entry.name, "hash": summary.hash, "hgdpo": summary.hgdpo, "problem": summary.problem}
+             for entry, summary in zip(entries, lora_files.summaries(entries))]
     scorer_folder = backend.scorer_folder("")
     try:
         best_of.pickscore_folders(scorer_folder)
@@ -356,11 +361,19 @@ def _status() -> dict:
             "default_lora": webui_samplers.default_lora() or None, "scorer_folder": str(scorer_folder),
             "scorer_ready": scorer_problem is None, "scorer_problem": scorer_problem,
             "model_problem": _model_problem(),
-            "xyz_axes": _xyz_axes()}
+            "xyz_axes": _xyz_axes(), "xyz_arguments": _xyz_arguments()}
+
+
+STATUS_ROUTE = "/hgdpo/v1/status"
 
 
 def _on_app_started(_demo, app):
-    app.add_api_route("/hgdpo/v1/status", _status, methods=["GET"])
+    """Mount the status route like the WebUI's own API routes: only with ``--api``, behind ``--api-auth``."""
+    dependencies = backend.api_dependencies(app)
+    if dependencies is None:
+        logger.info("HG-DPO: the WebUI's API is off (no --api), so %s is not mounted.", STATUS_ROUTE)
+        return
+    app.add_api_route(STATUS_ROUTE, _status, methods=["GET"], dependencies=dependencies)
 
 
 def register_callbacks() -> None:

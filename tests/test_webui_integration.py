@@ -1,4 +1,4 @@
-"""The extension in a real WebUI (AUTOMATIC1111 1.10 or Forge), headless on the CPU, through its HTTP API.
+"""The extension in a real WebUI (AUTOMATIC1111 1.10, Forge or Forge Neo), headless on the CPU, through its HTTP API.
 
 Skipped unless a WebUI is configured (CI cannot fetch one): set ``HGDPO_WEBUI_DIR`` (the WebUI's source
 tree), ``HGDPO_WEBUI_PYTHON`` (its Python) and ``HGDPO_WEBUI_CKPT`` (an SD1.5-architecture checkpoint;
@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -118,8 +119,23 @@ def make_data_dir(tmp_path_factory):
     _write_loras(root / "models" / "Lora")
     subprocess.run([str(CONFIG.python), "-c", TINY_PICKSCORE, str(root / "models" / "pickscore")], check=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    (root / "empty").mkdir()
+    (root / "models" / "empty").mkdir()
+    _write_foreign_files(root)
     return root
+
+
+SECRET_TENSOR = "private_embedding_of_another_app"
+"""A tensor name in a file outside the Lora folder: no API answer may ever contain it."""
+
+
+def _write_foreign_files(root):
+    """Files outside the folders the extension may read: a valid SD1.5 LoRA, a safetensors file that is no LoRA,
+    and a working PickScore (a copy of the tiny one)."""
+    foreign = root / "foreign"
+    foreign.mkdir()
+    shutil.copy(root / "models" / "Lora" / f"{LORA}.safetensors", foreign / "valid_lora.safetensors")
+    save_file({SECRET_TENSOR: torch.zeros(2, 2)}, str(foreign / "secret.safetensors"))
+    shutil.copytree(root / "models" / "pickscore", foreign / "pickscore")
 
 
 @pytest.fixture(scope="module")
@@ -133,17 +149,29 @@ def webui(data_dir):
         yield running
 
 
-def webui_lora(body):
-    """The WebUI's own Lora extension, in its functional mode, for a ``<lora:...>`` prompt: the reference.
+def webui_lora(webui, body):
+    """The WebUI's own Lora extension, in its functional mode where it has one, for a ``<lora:...>`` prompt: the
+    reference.
 
-    (Its default mode backs up every UNet and text-encoder weight at the first ``<lora>``: +3.7 GB here.)"""
-    if "<lora:" in body.get("prompt", ""):
+    (A1111's default mode backs up every UNet and text-encoder weight at the first ``<lora>``: +3.7 GB here.
+    Forge Neo has no such option and refuses unknown settings.)"""
+    if "<lora:" in body.get("prompt", "") and "lora_functional" in webui_options(webui):
         body["override_settings"] = {**body.get("override_settings", {}), "lora_functional": True}
     return body
 
 
+_OPTIONS: dict[str, dict] = {}
+
+
+def webui_options(webui) -> dict:
+    """The WebUI's settings (``/sdapi/v1/options``), read once per WebUI."""
+    if webui.url not in _OPTIONS:
+        _OPTIONS[webui.url] = webui.get("/sdapi/v1/options")
+    return _OPTIONS[webui.url]
+
+
 def txt2img(webui, sampler, args=None, expect=200, **overrides):
-    body = webui_lora({**BASE, "sampler_name": sampler, **overrides})
+    body = webui_lora(webui, {**BASE, "sampler_name": sampler, **overrides})
     if args is not None:
         body["alwayson_scripts"] = {hs.SCRIPT_TITLE: {"args": args}}
     status, payload = webui.post("/sdapi/v1/txt2img", body)
@@ -267,7 +295,7 @@ def test_text_encoder_lora_goes_into_the_dpo_conditioning(webui):
 def test_img2img_and_hires_fix(webui):
     init = base64.b64encode(_png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))).decode()
     body = {**BASE, "init_images": [init], "denoising_strength": 0.6, "steps": 4}
-    reference_body = webui_lora({**body, "sampler_name": "Euler", "prompt": f"{PROMPT} <lora:{LORA}:0.8>"})
+    reference_body = webui_lora(webui, {**body, "sampler_name": "Euler", "prompt": f"{PROMPT} <lora:{LORA}:0.8>"})
     for _ in range(2):  # Forge's first LoRA img2img after start differs (by ~50 levels) from every later one
         status, reference = webui.post("/sdapi/v1/img2img", reference_body)
         assert status == 200, reference
@@ -308,12 +336,16 @@ def test_best_of_n_keeps_the_highest_pickscore(webui):
 
 
 def test_xyz_plot_over_samplers_and_the_weight(webui):
-    axes = webui.get("/hgdpo/v1/status")["xyz_axes"]["txt2img"]
+    status = webui.get("/hgdpo/v1/status")
+    axes = status["xyz_axes"]["txt2img"]
+    # the X/Y/Z script's arguments by name, in its own order (Forge Neo has one more than A1111 and Forge)
+    named = {"x_type": axes["Sampler"], "x_values": "", "x_values_dropdown": ["Euler", "Euler (HG-DPO LAN)"],
+             "y_type": axes["[HG-DPO] LoRA weight"], "y_values": "0.2, 0.9", "y_values_dropdown": None,
+             "z_type": 0, "z_values": "", "z_values_dropdown": None, "draw_legend": True,
+             "include_lone_images": True, "row_count": 0, "margin_size": 0}
     body = {**BASE, "sampler_name": "Euler", "script_name": "x/y/z plot",
             "alwayson_scripts": {"HG-DPO": {"args": [LORA]}},
-            "script_args": [axes["Sampler"], "", ["Euler", "Euler (HG-DPO LAN)"],
-                            axes["[HG-DPO] LoRA weight"], "0.2, 0.9", None, 0, "", None,
-                            True, True, False, False, False, False, False, 0, False]}
+            "script_args": [named.get(name, False) for name in status["xyz_arguments"]]}
     status, payload = webui.post("/sdapi/v1/txt2img", body)
     assert status == 200, f"{payload}\n{webui.log_tail(40)}"
     cells = [params(text) for text in infotexts(payload)[1:]]  # [0] is the grid
@@ -343,8 +375,8 @@ def test_bad_lan_settings_stop_with_a_clear_message(webui, args, message):
 
 
 def test_missing_pickscore_weights_name_the_folder_and_the_download(webui, data_dir):
-    payload = txt2img(webui, "Euler", [hs.NO_LORA, 0.5, 1.0, 2, str(data_dir / "empty")], expect=500)
-    assert str(data_dir / "empty" / "PickScore_v1") in error_text(payload)
+    payload = txt2img(webui, "Euler", [hs.NO_LORA, 0.5, 1.0, 2, str(data_dir / "models" / "empty")], expect=500)
+    assert str(data_dir / "models" / "empty" / "PickScore_v1") in error_text(payload)
     assert "huggingface-cli download yuvalkirstain/PickScore_v1" in error_text(payload)
 
 
@@ -357,3 +389,29 @@ def test_other_samplers_are_unaffected_by_bad_accordion_values(webui):
     reference = images(txt2img(webui, "DPM++ 2M"))[0]
     for args in (["missing_lora", 0.5], [LORA, 7.0], ["sdxl_style"]):
         assert max_diff(images(txt2img(webui, "DPM++ 2M", args))[0], reference) <= SAME
+
+
+# --------------------------------------------------------------------------- the API cannot reach other files
+
+
+@pytest.mark.parametrize("name", ["{foreign}/valid_lora.safetensors", "{foreign}/secret.safetensors",
+                                  "../../foreign/valid_lora", "../../foreign/secret", "~/../../etc/hostname"])
+def test_lora_paths_outside_the_lora_folder_are_refused(webui, data_dir, name):
+    """A LoRA is a name from the Lora folder: a path (absolute, or escaping it with ..) is refused before
+    the file is opened, and nothing of the file comes back (its tensor names included)."""
+    lora = name.format(foreign=data_dir / "foreign")
+    payload = txt2img(webui, "Euler (HG-DPO LAN)", [lora, 0.5, 1.0], expect=500)
+    assert payload["error"] == "HGDPOError" and "is a path; give the name of a file in" in error_text(payload)
+    assert SECRET_TENSOR not in json.dumps(payload)
+    status = webui.get("/hgdpo/v1/status")
+    assert {item["name"] for item in status["loras"]} == {LORA, TE_LORA, "sdxl_style"}
+
+
+@pytest.mark.parametrize("folder", ["{root}/foreign/pickscore", "models/../foreign/pickscore", "/"])
+def test_scorer_folder_outside_the_models_folder_is_refused(webui, data_dir, folder):
+    """A working PickScore outside the models folder is not loaded; the same files inside it are."""
+    payload = txt2img(webui, "Euler", [hs.NO_LORA, 0.5, 1.0, 2, folder.format(root=data_dir)], expect=500)
+    assert "is outside the folders the WebUI allows for it" in error_text(payload), payload
+    assert "PickScore_v1" not in error_text(payload)  # says nothing of what the folder holds
+    inside = txt2img(webui, "Euler", [hs.NO_LORA, 0.5, 1.0, 2, "models/pickscore"])
+    assert SCORE_KEY in params(infotexts(inside)[0])

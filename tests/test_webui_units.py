@@ -8,6 +8,7 @@ The WebUI glue itself (``extension/webui_*.py`` importing ``modules.*``) runs in
 from __future__ import annotations
 
 import importlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -310,7 +311,6 @@ def test_list_resolve_and_hash(lora_folder):
     entry = lora_files.resolve("people/hgdpo_v1", lora_folder)
     assert lora_files.resolve("hgdpo_v1", lora_folder) == entry  # by file name alone
     assert lora_files.resolve("hgdpo_v1.safetensors", lora_folder) == entry
-    assert lora_files.resolve(str(entry.path), lora_folder).path == entry.path
     digest = lora_files.short_hash(entry.path)
     assert len(digest) == 12 and digest == lora_files.short_hash(entry.path)
     assert lora_files.resolve("renamed_since", lora_folder, lora_hash=digest) == entry  # found by hash
@@ -318,6 +318,40 @@ def test_list_resolve_and_hash(lora_folder):
         lora_files.resolve("nope", lora_folder)
     with pytest.raises(FileNotFoundError, match="No HG-DPO LoRA chosen"):
         lora_files.resolve("", lora_folder)
+
+
+@pytest.mark.parametrize("name", ["{outside}/hgdpo_v1.safetensors", "{outside}/secret.safetensors",
+                                  "{inside}/people/hgdpo_v1.safetensors", "../outside/hgdpo_v1",
+                                  "people/../../outside/x", "~/x", "C:\\loras\\x", "people\\..\\..\\x"])
+def test_resolve_takes_only_names_the_lora_folder_lists(tmp_path, lora_folder, name):
+    """An API caller cannot make the WebUI open a file by path (the folder's own files included): refused before
+    anything is read, and the message names the Lora folder, nothing of the file."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "hgdpo_v1.safetensors").write_bytes((lora_folder / "people" / "hgdpo_v1.safetensors").read_bytes())
+    save_file({"private_tensor_name": torch.zeros(1)}, str(outside / "secret.safetensors"))
+    text = name.format(outside=outside, inside=lora_folder)
+    with pytest.raises(FileNotFoundError, match="is a path; give the name of a file in") as error:
+        lora_files.resolve(text, lora_folder)
+    assert str(lora_folder) in str(error.value) and "private_tensor_name" not in str(error.value)
+
+
+def test_status_summaries_are_read_once_per_file_version(tmp_path, lora_folder):
+    folder = tmp_path / "Lora"
+    shutil.copytree(lora_folder, folder)
+    entries = lora_files.list_loras(folder)
+    first = lora_files.summaries(entries)
+    assert [(item.problem is None, bool(item.hash)) for item in first] == [(True, True), (False, True), (False, True)]
+    assert "SDXL" in first[2].problem and "no UNet weights" in first[1].problem
+    again = lora_files.summaries(entries)
+    assert all(a is b for a, b in zip(first, again))  # nothing read again
+    path = folder / "people" / "hgdpo_v1.safetensors"
+    unet = nn.ModuleDict({"down_blocks": nn.ModuleList([nn.ModuleDict({"to_q": nn.Linear(8, 8)})])})
+    sd15_factory.save_random_lora(unet, path, rank=4, seed=5)  # a new version of the file
+    changed = lora_files.summaries(entries)
+    assert changed[0] is not first[0] and changed[0].hash != first[0].hash and changed[1:] == again[1:]
+    path.unlink()
+    assert "not found" in lora_files.summaries(entries)[0].problem
 
 
 def test_load_caches_and_refuses_other_architectures(lora_folder):
@@ -350,6 +384,16 @@ def test_pickscore_folder_layouts_and_the_missing_weights_message(tmp_path, tiny
         tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K",
     )
     assert best_of.pickscore_folders(tiny_clip_dirs["combined"]) == (tiny_clip_dirs["combined"],) * 2
+
+
+def test_scorer_folder_must_lie_in_an_allowed_folder(tmp_path):
+    models, setting = tmp_path / "models", tmp_path / "elsewhere" / "pickscore"
+    assert best_of.check_scorer_folder(models / "pickscore", [models]) == models / "pickscore"
+    assert best_of.check_scorer_folder(models, [models]) == models
+    assert best_of.check_scorer_folder(setting / "v2", [models, setting]) == setting / "v2"
+    for folder in (tmp_path / "elsewhere", models / ".." / "elsewhere" / "pickscore", Path("/"), tmp_path / "models2"):
+        with pytest.raises(best_of.ScorerFolderError, match=r"outside the folders the WebUI allows for it \(.*models"):
+            best_of.check_scorer_folder(folder, [models])
 
 
 def test_cached_scorer_loads_pickscore_once(tmp_path, tiny_clip_dirs):
@@ -578,6 +622,48 @@ def test_harness_configuration_and_launch_command(tmp_path, monkeypatch):
         command[1] == "launch.py" and "--nowebui" in command and "--use-cpu" in command and command[-1] == "--medvram"
     )
     assert command[command.index("--server-name") + 1] == "127.0.0.1"
+    assert "--ckpt" not in command  # a tree whose parsers define no --ckpt
     (webui_dir / "modules_forge").mkdir()
-    assert "--always-cpu" in webui_harness.WebUI(config, data, ui=True).command()
-    assert "--nowebui" not in webui_harness.WebUI(config, data, ui=True).command()
+    (webui_dir / "backend").mkdir()
+    (webui_dir / "backend" / "args.py").write_text('parser.add_argument("--always-cpu", action="store_true")\n')
+    (webui_dir / "modules").mkdir()
+    (webui_dir / "modules" / "cmd_args.py").write_text("parser.add_argument(\n    '--ckpt', type=str)\n")
+    forge = webui_harness.WebUI(config, data, ui=True, api_auth=("user", "pw")).command()
+    assert "--always-cpu" in forge and "--nowebui" not in forge and "--use-cpu" not in forge
+    assert forge[forge.index("--ckpt") + 1] == str(data / "models" / "Stable-diffusion" / checkpoint.name)
+    assert forge[forge.index("--api-auth") + 1] == "user:pw"
+    (webui_dir / "backend" / "args.py").write_text('vram.add_argument("--cpu", action="store_true")\n')  # Forge Neo
+    assert webui_harness.host_flags(webui_dir) == {"--cpu", "--ckpt"}
+    assert webui_harness.cpu_flags(webui_harness.host_flags(webui_dir)) == ["--cpu"]
+
+
+def test_harness_client_sends_the_api_credentials():
+    """Against a real local HTTP server: the basic-auth header only when the client has credentials."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        client = webui_harness.WebUIClient(url, ("user", "pw"))
+        assert client.request("GET", "/x") == (200, {}) and client.request("GET", "/x", auth=False)[0] == 200
+        webui_harness.WebUIClient(url).get("/x")
+    finally:
+        server.shutdown()
+        thread.join()
+    assert seen == ["Basic dXNlcjpwdw==", None, None]
