@@ -22,7 +22,7 @@ from PIL import Image
 
 from hgdpo.infotext import format_parameters, read_png_parameters, save_png
 from hgdpo.study import AI_LOSER, AI_WINNER, CSV_COLUMNS, Study, format_results, pairs_from_dataset, pairs_from_folders
-from hgdpo.study_app import strip_png_text
+from hgdpo.study_app import image_pixels_only as strip_png_text
 from hgdpo.winrate import win_rate
 from tests.conftest import write_triplets
 from trainer import user_study
