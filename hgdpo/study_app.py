@@ -22,6 +22,7 @@ import html
 import io
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ PNG_PIXEL_CHUNKS = frozenset({b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"})  # e
 PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"})
 SESSION_COOKIE = "hgdpo-study-session"
 MAX_FORM_BYTES = 4096
+MAX_SESSIONS = 10_000  # the oldest session is dropped beyond this (that rater logs in again)
 DEFAULT_MAX_RATERS = 100
 SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                     (b"content-security-policy", b"frame-ancestors 'none'"), (b"referrer-policy", b"no-referrer"))
@@ -178,11 +180,13 @@ class LoginRefused(ValueError):
 
 
 class Gate:
-    """Logs raters in and maps their session cookies to rater ids (in memory: a restart logs everyone out)."""
+    """Logs raters in and maps their session cookies to rater ids (in memory: a restart logs everyone out;
+    at most ``MAX_SESSIONS``, so repeated logins cannot fill the memory)."""
 
     def __init__(self, study: Study, access: Access) -> None:
         self.study, self.access = study, access
         self.sessions: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     def login(self, name: str, password: str) -> str:
         """The rater id for this name and password, admitted to the study, or :class:`LoginRefused`."""
@@ -208,7 +212,10 @@ class Gate:
     def start_session(self, rater: str) -> str:
         """A new random session token for a logged-in rater."""
         token = secrets.token_urlsafe(24)
-        self.sessions[token] = rater
+        with self._lock:
+            self.sessions[token] = rater
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.pop(next(iter(self.sessions)))
         return token
 
     def rater_of(self, request: "Request") -> str | None:
@@ -216,7 +223,8 @@ class Gate:
         return self.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
 
     def end_session(self, request: "Request") -> None:
-        self.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
+        with self._lock:
+            self.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
 
     def organiser(self, request: "Request") -> bool:
         """Whether the request carries the organiser password (HTTP basic auth, any user name)."""

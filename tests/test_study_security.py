@@ -2,10 +2,12 @@
 and leaves the study database as it was; each attack on the server (forged rater, foreign file, peeking at the
 results) is refused on a real server on 127.0.0.1."""
 
+import base64
 import io
 import os
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,18 @@ from PIL import Image
 
 from hgdpo.study import Study, pairs_from_folders
 from tests.conftest import write_triplets
-from tests.test_study import (ORGANISER_PASSWORD, RATER_PASSWORD, SERVER_ENV, USER_STUDY, RaterSession, http_get,
-                              http_request, needs_gradio, running_server, write_model_folders)
+from tests.test_study import (
+    ORGANISER_PASSWORD,
+    RATER_PASSWORD,
+    SERVER_ENV,
+    USER_STUDY,
+    RaterSession,
+    http_get,
+    http_request,
+    needs_gradio,
+    running_server,
+    write_model_folders,
+)
 from trainer import user_study
 
 SECRET = "made-by-model-A"  # written into every kind of image metadata; a rater must never receive it
@@ -248,7 +260,7 @@ def test_serve_refuses_unsafe_or_impossible_options(study, capsys, monkeypatch, 
 
 def test_a_public_host_is_served_with_a_password_keys_or_the_explicit_opt_out(study, capsys, monkeypatch):
     monkeypatch.delenv("HGDPO_STUDY_PASSWORD", raising=False)
-    monkeypatch.setitem(__import__("sys").modules, "gradio", None)  # stops serve just after its checks
+    monkeypatch.setitem(sys.modules, "gradio", None)  # stops serve just after its checks
     public = ["serve", str(study.path), "--host", "0.0.0.0"]
     refused(capsys, public + ["--insecure-no-password"], 'pip install ".[app]"')
     monkeypatch.setenv("HGDPO_STUDY_PASSWORD", "from-the-environment")
@@ -341,7 +353,7 @@ def test_a_rater_cannot_vote_as_someone_else(hostile_server):
 
 @needs_gradio
 def test_a_rater_with_a_key_logs_in_only_with_it(hostile_server):
-    base, study, anna_key, _ = hostile_server
+    base, _, anna_key, _ = hostile_server
     impostor = RaterSession(base)
     status, page = impostor.login("anna", RATER_PASSWORD)  # the shared password does not open a keyed rater
     assert status == 401 and "Wrong name or password" in page
@@ -376,7 +388,7 @@ def test_results_and_votes_are_for_the_organiser_only(hostile_server):
     assert rater.login("anna", anna_key)[0] == 200
     for path in ("/study/results", "/study/votes.csv"):
         for headers in ({}, rater.cookie_header(), basic(RATER_PASSWORD), basic(""), {"Authorization": "Basic !!"}):
-            status, response_headers, body = http_request(base, path, headers)
+            status, _, body = http_request(base, path, headers)
             assert status == 401 and b"candidate" not in body and b"vote_id" not in body, (path, headers)
         assert http_get(base, path, basic(ORGANISER_PASSWORD))[0] == 200
     status, config = http_get(base, "/config", rater.cookie_header())
@@ -384,8 +396,7 @@ def test_results_and_votes_are_for_the_organiser_only(hostile_server):
 
 
 def basic(password: str) -> dict[str, str]:
-    import base64
-
+    """An HTTP basic-auth header with this password."""
     return {"Authorization": "Basic " + base64.b64encode(f"organiser:{password}".encode()).decode()}
 
 
@@ -460,3 +471,12 @@ def test_a_study_with_keys_and_no_password_admits_only_its_raters(tmp_path):
         assert dump(study.path) == before
         assert client.get(f"/study/enter?key={key}").status_code == 200
         assert client.get("/study/image/" + study.next_pair("anna").left_image).status_code == 200
+
+
+def test_repeated_logins_cannot_fill_the_servers_memory(study, monkeypatch):
+    from hgdpo import study_app
+
+    monkeypatch.setattr(study_app, "MAX_SESSIONS", 3)
+    gate = study_app.Gate(study, study_app.Access(password="pw"))
+    tokens = [gate.start_session(gate.login("ann", "pw")) for _ in range(5)]
+    assert list(gate.sessions) == tokens[2:] and set(gate.sessions.values()) == {"ann"}
