@@ -43,6 +43,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from PIL import Image, UnidentifiedImageError
+
 from hgdpo.fileio import atomic_path, atomic_write_text
 from hgdpo.infotext import parse_parameters, read_png_parameters
 from hgdpo.winrate import WinRate, win_rate
@@ -521,11 +523,23 @@ def _win_rate(counts: dict[str, int]) -> WinRate | None:
 # ---- building pairs -----------------------------------------------------------------------------
 
 
+def _readable_image(path: Path, what: str) -> Path:
+    """``path``, refused unless Pillow reads it as a PNG, JPEG or WebP image (the server sends only those)."""
+    try:
+        with Image.open(path, formats=("PNG", "JPEG", "WEBP")) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{what}: {path} is not a readable PNG, JPEG or WebP image ({error}): replace or remove it"
+                         ) from None
+    return path
+
+
 def _images_by_name(folder: Path) -> dict[str, Path]:
-    """``name -> resolved path`` of the folder's images; an image leading outside the folder is refused."""
+    """``name -> resolved path`` of the folder's images; one leading outside the folder, or unreadable, is refused."""
     if not folder.is_dir():
         raise FileNotFoundError(f"No image folder {folder}")
-    return {path.name: inside_root(path, folder, f"image folder {folder}") for path in sorted(folder.iterdir())
+    what = f"image folder {folder}"
+    return {path.name: _readable_image(inside_root(path, folder, what), what) for path in sorted(folder.iterdir())
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()}
 
 
@@ -545,26 +559,40 @@ def _parse_seed(text: str | None, where: str, fix: str) -> int | None:
 
 def _read_prompts_csv(path: Path) -> dict[str, tuple[str, int | None]]:
     """``name -> (prompt, seed)`` from a CSV with columns ``name, prompt[, seed]``; a bad row names its line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No prompts file {path}: give a CSV with columns name, prompt[, seed]")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} holds NUL bytes, so it is no CSV text: save the prompts as a UTF-8 CSV file")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return _prompt_rows(path, reader)
+    except csv.Error as error:
+        raise ValueError(f"{path} line {reader.line_num}: {error}: write each row as name,prompt[,seed]") from None
+
+
+def _prompt_rows(path: Path, reader: csv.DictReader) -> dict[str, tuple[str, int | None]]:
     fix = "write each row as name,prompt[,seed] (quote a prompt with commas)"
+    columns = reader.fieldnames or []
+    if not {"name", "prompt"} <= set(columns):
+        raise ValueError(f"{path}: expected CSV columns name, prompt[, seed]; found {', '.join(columns) or 'none'}")
     prompts: dict[str, tuple[str, int | None]] = {}
     lines: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if not {"name", "prompt"} <= set(columns):
-            raise ValueError(f"{path}: expected CSV columns name, prompt[, seed]; found {', '.join(columns) or 'none'}")
-        for row in reader:
-            where, name, prompt = f"{path} line {reader.line_num}", (row["name"] or "").strip(), row["prompt"] or ""
-            if None in row:
-                raise ValueError(f"{where}: more cells than the {len(columns)} columns of the header: {fix}")
-            if not name:
-                raise ValueError(f"{where}: no image name: {fix}")
-            if not prompt.strip():
-                raise ValueError(f"{where}: no prompt for {name!r}: {fix}")
-            if name in lines:
-                raise ValueError(f"{where}: {name!r} is listed again (first on line {lines[name]}): keep one row each")
-            lines[name] = reader.line_num
-            prompts[name] = (prompt, _parse_seed(row.get("seed"), where, "write a whole number or leave it empty"))
+    for row in reader:
+        where, name, prompt = f"{path} line {reader.line_num}", (row["name"] or "").strip(), row["prompt"] or ""
+        if None in row:
+            raise ValueError(f"{where}: more cells than the {len(columns)} columns of the header: {fix}")
+        if not name:
+            raise ValueError(f"{where}: no image name: {fix}")
+        if not prompt.strip():
+            raise ValueError(f"{where}: no prompt for {name!r}: {fix}")
+        if name in lines:
+            raise ValueError(f"{where}: {name!r} is listed again (first on line {lines[name]}): keep one row each")
+        lines[name] = reader.line_num
+        prompts[name] = (prompt, _parse_seed(row.get("seed"), where, "write a whole number or leave it empty"))
     return prompts
 
 
@@ -617,7 +645,7 @@ def _dataset_image(root: Path, metadata: dict[str, Any], column: str, pair: int)
     relative = metadata.get(column)
     if not isinstance(relative, str) or not relative.strip():
         raise ValueError(f"{where}: {column} is empty: rebuild the dataset or drop that row")
-    return inside_root(root / relative, root, f"{where} {column}")
+    return _readable_image(inside_root(root / relative, root, f"{where} {column}"), f"{where} {column}")
 
 
 def pairs_from_dataset(dataset_dir: str | Path) -> list[PairSpec]:

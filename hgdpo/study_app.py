@@ -440,7 +440,7 @@ def build_app(study: Study, access: Access | None = None) -> "FastAPI":
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     gr.mount_gradio_app(app, build_blocks(study), path="/", auth_dependency=gate.rater_of, footer_links=[],
-                        theme=theme, css=CSS, head=shortcut_script())
+                        theme=theme, css=CSS, head=shortcut_script(), max_file_size=1)  # the page takes no uploads
     app.router.routes[:0] = login_routes(study, gate).routes + study_routes(study, gate).routes
     app.add_middleware(SecurityHeaders, gate=gate)
     return app

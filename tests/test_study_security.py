@@ -129,6 +129,27 @@ def test_a_bad_prompts_csv_row_names_the_file_the_line_and_the_fix(study, tmp_pa
     assert dump(study.path) == before and not (tmp_path / "new.db").exists()
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    ("name,prompt\n0000.png,caf\xe9\n".encode("latin-1"), "is not UTF-8 text"),
+    (b"name,prompt\n0000.png,a\x00b\n", "holds NUL bytes"), (None, "No prompts file")])
+def test_a_prompts_file_that_is_not_utf8_csv_is_refused(tmp_path, capsys, content, message):
+    folders = [str(folder) for folder in write_model_folders(tmp_path, count=1)]
+    prompts = tmp_path / "prompts.csv"
+    if content is not None:
+        prompts.write_bytes(content)
+    refused(capsys, ["create", str(tmp_path / "s.db"), "--folders", *folders, "--prompts", str(prompts)],
+            str(prompts), message)
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_a_file_that_is_not_an_image_is_refused_when_the_study_is_created(study, tmp_path, capsys):
+    before = dump(study.path)
+    (tmp_path / "candidate" / "0001.png").write_text("<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>")
+    refused(capsys, ["create", str(study.path), "--folders", str(tmp_path / "candidate"), str(tmp_path / "baseline"),
+                     "--names", "p", "q"], "0001.png is not a readable PNG, JPEG or WebP image", "replace or remove it")
+    assert dump(study.path) == before
+
+
 def test_a_prompts_csv_without_the_columns_is_refused(tmp_path, capsys):
     folders = [str(folder) for folder in write_model_folders(tmp_path, count=1)]
     prompts = tmp_path / "prompts.csv"
@@ -471,6 +492,8 @@ def test_a_study_with_keys_and_no_password_admits_only_its_raters(tmp_path):
         assert dump(study.path) == before
         assert client.get(f"/study/enter?key={key}").status_code == 200
         assert client.get("/study/image/" + study.next_pair("anna").left_image).status_code == 200
+        upload = client.post("/gradio_api/upload", files={"files": ("big.bin", b"x" * 100_000)})
+        assert upload.status_code == 413  # the page has no upload: a rater cannot fill the server's disk
 
 
 def test_repeated_logins_cannot_fill_the_servers_memory(study, monkeypatch):
