@@ -2,6 +2,7 @@
 
 import csv
 import http.client
+import http.cookiejar
 import importlib.util
 import io
 import json
@@ -12,9 +13,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -22,7 +26,7 @@ from PIL import Image
 
 from hgdpo.infotext import format_parameters, read_png_parameters, save_png
 from hgdpo.study import AI_LOSER, AI_WINNER, CSV_COLUMNS, Study, format_results, pairs_from_dataset, pairs_from_folders
-from hgdpo.study_app import strip_png_text
+from hgdpo.study_app import image_pixels_only
 from hgdpo.winrate import win_rate
 from tests.conftest import write_triplets
 from trainer import user_study
@@ -34,6 +38,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NUM_PAIRS = 6
 NUM_RATERS = 50
+RATER_PASSWORD, ORGANISER_PASSWORD = "rater-pw", "organiser-pw"
 ON_CI = os.environ.get("CI") == "true"  # CI installs both: there a missing one fails instead of skipping
 needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None and not ON_CI,
                                   reason='the study server needs gradio: pip install ".[test]"')
@@ -62,6 +67,7 @@ def study(tmp_path) -> Study:
 
 def vote_for(study: Study, rater: str, pair_id: int, winner: str) -> bool:
     """Cast the vote that makes ``winner`` ('a', 'b' or 'tie') win, whichever side the rater sees model A on."""
+    study.enrol(rater)
     a_on_left = study.show(rater, pair_id).a_on_left
     choice = "tie" if winner == "tie" else "left" if (winner == "a") == a_on_left else "right"
     return study.vote(rater, pair_id, choice)
@@ -69,6 +75,7 @@ def vote_for(study: Study, rater: str, pair_id: int, winner: str) -> bool:
 
 def vote_through(study: Study, rater: str, winners: list[str]) -> list[int]:
     """Vote on the rater's next pairs, in their order, so that ``winners`` win; return the pair ids."""
+    study.enrol(rater)
     voted = []
     for winner in winners:
         pair_id = study.next_pair(rater).pair_id
@@ -112,6 +119,10 @@ def test_pairs_from_a_triplet_dataset_put_the_ai_winner_as_model_a(tmp_path):
 
 def test_a_vote_is_never_duplicated(study):
     pair_id = study.next_pair("alice").pair_id
+    with pytest.raises(ValueError, match="'alice' has not joined the study"):
+        study.vote("alice", pair_id, "left")  # only an admitted rater votes
+    study.enrol("alice")
+    study.enrol("bob")
     assert study.vote("alice", pair_id, "left") is True
     assert study.vote("alice", pair_id, "right") is False  # ignored: the first vote stands
     assert study.vote("bob", pair_id, "right") is True
@@ -202,15 +213,16 @@ def test_csv_export_has_one_row_per_vote(study, tmp_path):
     assert alice["choice"] == ("right" if sides["alice"] else "left")
 
 
-def test_served_pngs_lose_their_generation_parameters(tmp_path):
+def test_served_pngs_keep_their_pixels_and_lose_their_generation_parameters(tmp_path):
     path = save_png(
         Image.new("RGB", (5, 4), (1, 2, 3)), tmp_path / "a.png", "a prompt\nSteps: 5, Seed: 1, HG-DPO weight: 0.5"
     )
     assert read_png_parameters(path)
-    stripped = strip_png_text(path.read_bytes())
+    stripped = image_pixels_only(path.read_bytes())
     image = Image.open(io.BytesIO(stripped))
     assert "parameters" not in image.info and np.array_equal(np.asarray(image), np.asarray(Image.open(path)))
-    assert strip_png_text(b"\xff\xd8 not a png") == b"\xff\xd8 not a png"
+    with pytest.raises(ValueError, match="not a PNG, JPEG or WebP"):
+        image_pixels_only(b"<svg onload=alert(1)>")
 
 
 # --------------------------------------------------------------------------- command line
@@ -243,48 +255,82 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def http_get(base: str, path: str) -> tuple[int, bytes]:
-    """A GET with the path sent exactly as given (no client-side normalisation of ``..``)."""
+def http_request(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A GET with the path sent exactly as given (no client-side normalisation of ``..``): status, headers, body."""
     host, port = base.removeprefix("http://").rstrip("/").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
-        return response.status, response.read()
+        return response.status, {key.lower(): value for key, value in response.getheaders()}, response.read()
     finally:
         connection.close()
 
 
-def call(base: str, api_name: str, data: list) -> list:
-    """Call one of the page's events through gradio's HTTP API (POST, then read the event stream)."""
-    request = urllib.request.Request(f"{base}/gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        event_id = json.load(response)["event_id"]
-    with urllib.request.urlopen(f"{base}/gradio_api/call/{api_name}/{event_id}", timeout=60) as response:
-        stream = response.read().decode()
-    *_, event, data_line = stream.strip().splitlines()
-    assert event == "event: complete", stream
-    return json.loads(data_line.removeprefix("data: "))
+def http_get(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    status, _, body = http_request(base, path, headers)
+    return status, body
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``user_study.py serve`` on a free port of 127.0.0.1 over a fresh study; yields (base URL, study)."""
-    root = tmp_path_factory.mktemp("served")
-    study = Study.create(root / "study.db", seed="served")
-    study.add_pairs(pairs_from_folders(*write_model_folders(root)))
+class RaterSession:
+    """One client of the study server with its own cookies (the session the server gives it at login)."""
+
+    def __init__(self, base: str) -> None:
+        self.base, self.cookies = base, http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
+
+    def open(self, path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        """Status and text of a request (redirects followed), also for an error status."""
+        request = urllib.request.Request(f"{self.base}{path}", data=data, headers=headers or {})
+        try:
+            with self.opener.open(request, timeout=60) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def login(self, name: str, password: str = "") -> tuple[int, str]:
+        return self.open("/study/login", urlencode({"name": name, "password": password}).encode())
+
+    def cookie_header(self) -> dict[str, str]:
+        return {"Cookie": "; ".join(f"{cookie.name}={cookie.value}" for cookie in self.cookies)}
+
+    def call(self, api_name: str, data: list, query: str = "") -> tuple[str, object]:
+        """Call one of the page's events through gradio's HTTP API: (last event name, its data)."""
+        status, text = self.open(f"/gradio_api/call/{api_name}{query}", json.dumps({"data": data}).encode(),
+                                 {"Content-Type": "application/json"})
+        assert status == 200, (status, text)
+        status, stream = self.open(f"/gradio_api/call/{api_name}/{json.loads(text)['event_id']}")
+        *_, event, data_line = stream.strip().splitlines()
+        return event.removeprefix("event: "), json.loads(data_line.removeprefix("data: "))
+
+    def outputs(self, api_name: str, data: list, query: str = "") -> list:
+        """The outputs of an event that must complete: [progress line, pair view, pair id, buttons]."""
+        event, outputs = self.call(api_name, data, query)
+        assert event == "complete", (event, outputs)
+        return outputs
+
+
+def login_page_up(base: str) -> bool:
+    try:
+        return http_get(base, "/study/login")[0] == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def running_server(study_path: Path, *options: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``user_study.py serve`` on a free port of 127.0.0.1; yields its base URL."""
     port = free_port()
-    process = subprocess.Popen(USER_STUDY + ["serve", str(study.path), "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(USER_STUDY + ["serve", str(study_path), "--port", str(port), *options],
+                               env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
-        while http_status(base) != 200:
+        while not login_page_up(base):
             assert process.poll() is None, process.stderr.read().decode()
             assert time.monotonic() < deadline, "the study server did not start in 90 s"
             time.sleep(0.25)
-        yield base, study
+        yield base
     finally:
         process.terminate()
         try:
@@ -294,25 +340,33 @@ def server(tmp_path_factory):
             process.wait()
 
 
-def http_status(base: str) -> int | None:
-    try:
-        return http_get(base, "/")[0]
-    except OSError:
-        return None
+SERVER_ENV = {"HGDPO_STUDY_PASSWORD": RATER_PASSWORD, "HGDPO_STUDY_ORGANISER_PASSWORD": ORGANISER_PASSWORD}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A served study with the raters' and the organiser's passwords; yields (base URL, study)."""
+    root = tmp_path_factory.mktemp("served")
+    study = Study.create(root / "study.db", seed="served")
+    study.add_pairs(pairs_from_folders(*write_model_folders(root)))
+    with running_server(study.path, "--max-raters", str(NUM_RATERS + 10), env=SERVER_ENV) as base:
+        yield base, study
 
 
 def rate_everything(base: str, rater: str) -> list[tuple[int, str]]:
-    """One simulated rater: start, vote on each pair shown until done (bounded), then re-vote once."""
-    outputs, sent = call(base, "start", [rater]), []
+    """One simulated rater: log in, vote on each pair shown until done (bounded), then re-vote once."""
+    session = RaterSession(base)
+    assert session.login(rater, RATER_PASSWORD)[0] == 200
+    outputs, sent = session.outputs("current", []), []
     for step in range(NUM_PAIRS + 1):
-        pair_id = outputs[5]
+        pair_id = outputs[2]
         if pair_id is None:
             break
         choice = ("left", "right", "tie")[(len(rater) + step) % 3]
-        outputs = call(base, f"vote_{choice}", [rater, pair_id])
+        outputs = session.outputs(f"vote_{choice}", [pair_id])
         sent.append((pair_id, choice))
-    assert outputs[5] is None and f"{NUM_PAIRS} / {NUM_PAIRS}" in outputs[3]
-    call(base, "vote_tie", [rater, sent[0][0]])  # a repeated vote must be ignored
+    assert outputs[2] is None and f"{NUM_PAIRS} / {NUM_PAIRS}" in outputs[0]
+    session.outputs("vote_tie", [sent[0][0]])  # a repeated vote must be ignored
     return sent
 
 
@@ -334,7 +388,11 @@ def test_fifty_concurrent_raters_over_http_lose_no_vote(server):
 def test_only_registered_images_are_served(server):
     base, study = server
     token = study.next_pair("someone").left_image
-    status, body = http_get(base, f"/study/image/{token}")
+    assert http_get(base, f"/study/image/{token}")[0] == 401  # not logged in
+    session = RaterSession(base)
+    assert session.login("someone", RATER_PASSWORD)[0] == 200
+    logged_in = session.cookie_header()
+    status, body = http_get(base, f"/study/image/{token}", logged_in)
     assert status == 200 and Image.open(io.BytesIO(body)).size == (96, 128)
     assert b"parameters" not in body and b"HG-DPO" not in body
     registered = study.image_path(token)
@@ -342,28 +400,35 @@ def test_only_registered_images_are_served(server):
                  "/study/image/..%2F..%2F..%2F..%2Fetc%2Fpasswd", "/study/image/%2Fetc%2Fpasswd",
                  f"/study/image/{registered}", "/study/image/../study.db", "/gradio_api/file=/etc/passwd",
                  f"/gradio_api/file={registered}", f"/gradio_api/file={study.path}", "/study/../etc/passwd"):
-        status, body = http_get(base, path)
-        assert status in (400, 403, 404), (path, status)
-        assert b"root:" not in body and not body.startswith(b"\x89PNG") and b"SQLite" not in body, path
+        for headers in ({}, logged_in):
+            status, body = http_get(base, path, headers)
+            assert status in (400, 401, 403, 404), (path, status)
+            assert b"root:" not in body and not body.startswith(b"\x89PNG") and b"SQLite" not in body, path
 
 
 @needs_gradio
 def test_a_password_guards_the_page_and_the_images(tmp_path):
     from fastapi.testclient import TestClient
 
-    from hgdpo.study_app import build_app
+    from hgdpo.study_app import Access, build_app
 
     study = Study.create(tmp_path / "study.db")
     study.add_pairs(pairs_from_folders(*write_model_folders(tmp_path, count=1)))
     token = study.next_pair("x").left_image
-    with TestClient(build_app(study, password="s3cret")) as client:
-        for path in (f"/study/image/{token}", "/study/votes.csv", "/config"):
+    with TestClient(build_app(study, Access(password="s3cret"))) as client:
+        for path in (f"/study/image/{token}", "/config", "/gradio_api/info"):
             assert client.get(path).status_code == 401, path
-        assert client.post("/login", data={"username": "ann", "password": "wrong"}).status_code >= 400
+        assert client.get("/study/votes.csv").status_code == 404  # no organiser password: no results at all
+        first = client.get("/", follow_redirects=False)
+        assert (first.status_code, first.headers["location"]) == (303, "study/login")
+        refused = client.post("/study/login", data={"name": "ann", "password": "wrong"})
+        assert refused.status_code == 401 and "Wrong name or password" in refused.text
         assert client.get(f"/study/image/{token}").status_code == 401
-        assert client.post("/login", data={"username": "ann", "password": "s3cret"}).status_code == 200
+        assert client.post("/study/login", data={"name": "ann", "password": "s3cret"}).status_code == 200
         assert client.get(f"/study/image/{token}").status_code == 200
-        assert client.get("/study/votes.csv").text.startswith("vote_id,")
+        assert client.get("/study/logout").status_code == 200  # back on the login page
+        assert client.get(f"/study/image/{token}").status_code == 401
+    assert [rater.rater for rater in study.raters()] == ["ann"]
 
 
 # --------------------------------------------------------------------------- in a real browser
@@ -375,13 +440,15 @@ def test_votes_cast_in_chromium_by_click_and_keyboard(server):
     from playwright.sync_api import sync_playwright
 
     base, study = server
+    anna_link = f"{base}/study/enter?key={study.issue_key('anna')}"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.set_default_timeout(15_000)
-            page.goto(f"{base}/")  # no rater id in the URL: the page asks for one
-            page.fill("#rater-id textarea, #rater-id input", "browser")
+            page.goto(f"{base}/?rater=anna")  # no session: the login page (a rater id in the URL counts for nothing)
+            page.fill("input[name=name]", "browser")
+            page.fill("input[name=password]", RATER_PASSWORD)
             page.get_by_role("button", name="Start").click()
             progress = page.locator("#study-progress")
             for done, action in enumerate([lambda: page.click("#vote-left"), lambda: page.keyboard.press("ArrowRight"),
@@ -391,16 +458,22 @@ def test_votes_cast_in_chromium_by_click_and_keyboard(server):
                                        ".filter(image => image.complete && image.naturalWidth === 96).length === 2")
                 action()
             progress.filter(has_text=f"browser · 3 / {NUM_PAIRS}").wait_for()
-            page.goto(f"{base}/?rater=browser")  # coming back later: resumes
+            page.goto(f"{base}/?rater=anna")  # coming back later: resumes as the same rater
             progress.filter(has_text=f"browser · 3 / {NUM_PAIRS}").wait_for()
-            page.get_by_role("tab", name="Results").click()
-            page.locator("#study-results table").wait_for()
-            assert "candidate" in page.inner_text("#study-results")
+            assert page.get_by_role("tab", name="Results").count() == 0 and "candidate" not in page.content()
+            linked = browser.new_page()
+            linked.goto(anna_link)  # a personal link logs its rater in
+            linked.locator("#study-progress").filter(has_text=f"anna · 0 / {NUM_PAIRS}").wait_for()
+            organiser = browser.new_context(http_credentials={"username": "me", "password": ORGANISER_PASSWORD})
+            results = organiser.new_page()
+            results.goto(f"{base}/study/results")
+            assert "| candidate | baseline |" in results.inner_text("body")
         finally:
             browser.close()
     with sqlite3.connect(study.path) as connection:
         votes = connection.execute(
             "SELECT choice, a_on_left, winner FROM votes WHERE rater = 'browser' ORDER BY id").fetchall()
+        assert connection.execute("SELECT COUNT(*) FROM votes WHERE rater = 'anna'").fetchone() == (0,)
     assert [choice for choice, _, _ in votes] == ["left", "right", "tie"]
     for choice, a_on_left, winner in votes:
         assert winner == ("tie" if choice == "tie" else "a" if (choice == "left") == bool(a_on_left) else "b")
