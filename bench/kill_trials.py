@@ -5,7 +5,8 @@
 
 Not a benchmark of speed and not run by CI (``tests/test_bad_input.py`` runs a two-trial version). On the
 tiny random-weight model (``hgdpo.tiny``), each trial starts a fresh run, kills it with SIGKILL after a
-random delay (anywhere from model loading through encoding, training, checkpointing and the final write),
+random moment (after a random number of committed prompts / checkpoints, plus a random 0-2 s: anywhere from
+model loading through encoding, generation, training, checkpointing and the final write),
 and runs the same command again (``--resume latest`` for the trainer). Invariants checked per trial:
 
 * builder: the finished dataset holds each prompt exactly once, every image decodes, no temporary is left,
@@ -59,9 +60,14 @@ def _run(command: list[str], env: dict[str, str]) -> float:
     return time.monotonic() - start
 
 
-def _killed(command: list[str], env: dict[str, str], delay: float) -> bool:
-    """Start ``command``, SIGKILL it after ``delay`` seconds; False if it finished before."""
+def _killed(command: list[str], env: dict[str, str], progress, target: int, delay: float) -> bool:
+    """Start ``command``; once ``progress()`` reaches ``target``, wait ``delay`` s and SIGKILL it.
+
+    False if it finished before the kill.
+    """
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    while progress() < target and process.poll() is None:
+        time.sleep(0.01)
     try:
         process.wait(timeout=delay)
         return False
@@ -69,6 +75,10 @@ def _killed(command: list[str], env: dict[str, str], delay: float) -> bool:
         process.send_signal(signal.SIGKILL)
         process.wait()
         return True
+
+
+def _count(folder: Path, pattern: str):
+    return lambda: len(list(folder.glob(pattern))) if folder.is_dir() else 0
 
 
 def _temporaries(folder: Path) -> list[str]:
@@ -108,15 +118,17 @@ def builder_trials(work: Path, model: Path, trials: int, rng: random.Random) -> 
     outcomes = []
     for trial in range(trials):
         out = work / f"build-{trial}"
-        delay = rng.uniform(0.5, duration)
-        killed = _killed(command(out), env, delay)
+        # the moment: k prompts committed (k = 0: anywhere in start-up), then a random fraction of a prompt
+        target, delay = rng.randrange(len(PROMPTS)), rng.uniform(0.0, 2.0)
+        killed = _killed(command(out), env, _count(out / "records", "*.json"), target, delay)
         records = len(list((out / "records").glob("*.json"))) if (out / "records").is_dir() else 0
         _run(command(out), env)
         rows = _dataset_rows(out)
         prompts_once = sorted(row[0] for row in rows) == sorted(PROMPTS)
         ok = prompts_once and rows == expected and not _temporaries(out)
-        outcomes.append({"delay_s": round(delay, 2), "killed": killed, "records_at_kill": records, "ok": ok})
-        print(f"builder trial {trial}: delay {delay:.2f}s killed={killed} records={records} ok={ok}", flush=True)
+        outcomes.append({"after_records": target, "delay_s": round(delay, 2), "killed": killed,
+                         "records_at_kill": records, "ok": ok})
+        print(f"builder trial {trial}: after {target} records + {delay:.2f}s killed={killed} records={records} ok={ok}", flush=True)
     return {"uninterrupted_s": round(duration, 1), "trials": outcomes}
 
 
@@ -134,17 +146,19 @@ def trainer_trials(work: Path, model: Path, trials: int, rng: random.Random) -> 
     outcomes = []
     for trial in range(trials):
         out, env = work / f"train-{trial}", _env(work / f"cache-{trial}")
-        delay = rng.uniform(0.5, duration)
-        killed = _killed(command(out), env, delay)
+        # the moment: k checkpoints written (k = 0: anywhere in start-up and encoding), then a random delay
+        target, delay = rng.randrange(6), rng.uniform(0.0, 2.0)
+        killed = _killed(command(out), env, _count(out / "checkpoints", "checkpoint-*"), target, delay)
         checkpoints = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
         _run(command(out, "--resume", "latest"), env)
         lora = _lora(out / "hgdpo_lora.safetensors")
         difference = max((lora[k] - expected[k]).abs().max().item() for k in expected) if lora.keys() == \
             expected.keys() else float("inf")
         ok = difference <= 1e-5 and not _temporaries(out / "checkpoints")
-        outcomes.append({"delay_s": round(delay, 2), "killed": killed, "latest_at_kill": (checkpoints or [None])[-1],
+        outcomes.append({"after_checkpoints": target, "delay_s": round(delay, 2), "killed": killed,
+                         "latest_at_kill": (checkpoints or [None])[-1],
                          "max_abs_difference": difference, "ok": ok})
-        print(f"trainer trial {trial}: delay {delay:.2f}s killed={killed} latest={(checkpoints or [None])[-1]} "
+        print(f"trainer trial {trial}: after {target} checkpoints + {delay:.2f}s killed={killed} latest={(checkpoints or [None])[-1]} "
               f"diff={difference:.2e} ok={ok}", flush=True)
     return {"uninterrupted_s": round(duration, 1), "trials": outcomes}
 
