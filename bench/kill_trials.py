@@ -128,7 +128,8 @@ def builder_trials(work: Path, model: Path, trials: int, rng: random.Random) -> 
         ok = prompts_once and rows == expected and not _temporaries(out)
         outcomes.append({"after_records": target, "delay_s": round(delay, 2), "killed": killed,
                          "records_at_kill": records, "ok": ok})
-        print(f"builder trial {trial}: after {target} records + {delay:.2f}s killed={killed} records={records} ok={ok}", flush=True)
+        print(f"builder trial {trial}: after {target} records + {delay:.2f}s killed={killed} records={records} "
+              f"ok={ok}", flush=True)
     return {"uninterrupted_s": round(duration, 1), "trials": outcomes}
 
 
@@ -158,8 +159,8 @@ def trainer_trials(work: Path, model: Path, trials: int, rng: random.Random) -> 
         outcomes.append({"after_checkpoints": target, "delay_s": round(delay, 2), "killed": killed,
                          "latest_at_kill": (checkpoints or [None])[-1],
                          "max_abs_difference": difference, "ok": ok})
-        print(f"trainer trial {trial}: after {target} checkpoints + {delay:.2f}s killed={killed} latest={(checkpoints or [None])[-1]} "
-              f"diff={difference:.2e} ok={ok}", flush=True)
+        print(f"trainer trial {trial}: after {target} checkpoints + {delay:.2f}s killed={killed} "
+              f"latest={(checkpoints or [None])[-1]} diff={difference:.2e} ok={ok}", flush=True)
     return {"uninterrupted_s": round(duration, 1), "trials": outcomes}
 
 

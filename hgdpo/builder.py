@@ -37,8 +37,9 @@ import torch
 from PIL import Image
 
 from hgdpo.cli import resolve_dtype
-from hgdpo.config import DTYPES, check_value, parse_resolution
+from hgdpo.config import DTYPES, parse_resolution
 from hgdpo.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from hgdpo.options import check_value
 
 __all__ = [
     "BuildConfig",

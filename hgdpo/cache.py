@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from hgdpo.fileio import atomic_path, remove_stale_temporaries
 from hgdpo.errors import TrainingError
+from hgdpo.fileio import atomic_path, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,6 @@ class EncodedPairs(torch.utils.data.Dataset):
     """The encoded dataset: item ``i`` is ``{"win", "lose", "text"}`` tensors of the i-th kept pair."""
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
 
         self.directory = Path(directory)
         manifest = json.loads((self.directory / "manifest.json").read_text())
@@ -118,7 +117,6 @@ def build_cache(
     with ``bad_images="stop"`` still sees it) or, with ``bad_images="stop"``, raise the dataset's error
     naming the file.
     """
-    from safetensors.torch import save_file
 
     from hgdpo.dataset import CorruptImageError
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hgdpo.config import check_value
+from hgdpo.options import check_value
 from hgdpo.sampling import SamplingConfig
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hgdpo import infotext
-from hgdpo.config import check_value, flag_name
+from hgdpo.options import check_value, flag_name
 from hgdpo.sampling import ImageGenerator, SamplingConfig, best_of_n
 
 if TYPE_CHECKING:

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hgdpo.config import check_value
 from hgdpo.lan import normalize_stacked
 from hgdpo.lora_runtime import FunctionalLoRA, LoRAFile, attach_lora, read_lora
+from hgdpo.options import check_value
 
 if TYPE_CHECKING:
     from PIL.Image import Image

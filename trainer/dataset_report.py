@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hgdpo.config import check_value, parse_resolution  # noqa: E402
+from hgdpo.config import parse_resolution  # noqa: E402
 from hgdpo.errors import run_cli  # noqa: E402
+from hgdpo.options import check_value  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
