@@ -84,7 +84,10 @@ class CheckpointManager:
             if final.exists():
                 shutil.rmtree(aside, ignore_errors=True)
             else:
-                os.replace(aside, final)
+                try:
+                    os.replace(aside, final)
+                except FileNotFoundError:  # another rank restored it first
+                    continue
                 logger.warning("Restored %s, which a killed run had moved aside while replacing it.", final)
 
     def save(
