@@ -38,7 +38,8 @@ from PIL import Image
 
 from hgdpo.cli import resolve_dtype
 from hgdpo.config import DTYPES, parse_resolution
-from hgdpo.fileio import atomic_write_bytes, atomic_write_text
+from hgdpo.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from hgdpo.options import check_value
 
 __all__ = [
     "BuildConfig",
@@ -104,22 +105,41 @@ class BuildConfig:
         return parse_resolution(self.resolution)
 
     def validate(self) -> None:
+        """Check every setting before anything is loaded; raise a one-line ValueError naming the option."""
+        for flag, value, kind, limits in (
+            ("--pool-size", self.pool_size, "int", {"at_least": 2, "at_most": 10_000}),
+            ("--steps", self.steps, "int", {"at_least": 1, "at_most": 1000}),
+            ("--cfg", self.guidance_scale, "float", {"at_least": 0}),
+            ("--batch-size", self.batch_size, "int", {"at_least": 1}),
+            ("--seed", self.seed, "int", {"at_least": 0, "at_most": 2**63 - 1}),
+            ("--loser-rank", self.loser_rank, "int", {"at_least": 1, "at_most": max(1, self.pool_size - 1)}),
+            ("--min-score-gap", self.min_score_gap, "float", {"at_least": 0}),
+        ):
+            check_value(flag, value, kind, limits)
         self.size  # noqa: B018  (raises on a bad resolution)
-        if self.pool_size < 2:
-            raise ValueError(f"pool size must be at least 2 (a winner and a loser), got {self.pool_size}")
-        if not 1 <= self.loser_rank < self.pool_size:
-            raise ValueError(f"loser rank must be between 1 (the worst) and pool size - 1 = {self.pool_size - 1}, "
-                             f"got {self.loser_rank}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be positive, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be positive, got {self.batch_size}")
-        if not math.isfinite(self.min_score_gap) or self.min_score_gap < 0:
-            raise ValueError(f"min score gap must be a finite number >= 0, got {self.min_score_gap}")
-        if self.dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
-        if self.image_format not in ("png", "jpeg"):
-            raise ValueError(f"image format must be png or jpeg, got {self.image_format!r}")
+        check_value("--dtype", self.dtype, "str", choices=(*DTYPES, "auto"))
+        check_value("--image-format", self.image_format, "str", choices=("png", "jpeg"))
+        if not Path(self.prompts).expanduser().is_file():
+            raise ValueError(f"--prompts {self.prompts} not found; give a .txt, .tsv/.csv or .jsonl prompt file.")
+        if self.model_config_dir and not Path(self.model_config_dir).expanduser().is_dir():
+            raise ValueError(f"--model-config-dir {self.model_config_dir} is not a folder; give a diffusers-layout "
+                             "config folder or leave it out.")
+        if self.export_pickapic and Path(self.export_pickapic).expanduser().is_dir():
+            raise ValueError(f"--export-pickapic {self.export_pickapic} is a folder; give a .parquet file path.")
+        check_output_dir(Path(self.output_dir).expanduser())
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse an output folder that is a file, or holds files but is no build of this tool (never overwrite it)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file; give a new or empty folder.")
+    if not out.is_dir() or (out / CONFIG_FILENAME).is_file():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    records = out / RECORDS_DIRNAME
+    if entries and not (entries == [RECORDS_DIRNAME] and records.is_dir() and not any(records.iterdir())):
+        raise ValueError(f"--output-dir {out} already holds files ({', '.join(entries[:4])}) but no {CONFIG_FILENAME}, "
+                         "so it is no dataset build to resume; refusing to overwrite it. Give a new or empty folder.")
 
 
 # --------------------------------------------------------------------------- seeds and selection
@@ -337,12 +357,9 @@ def _encode_image(image: Image.Image, image_format: str) -> bytes:
 
 
 def _remove_temporaries(out: Path) -> None:
-    """Hidden temporaries (``.name.tmp-<pid>``) a killed run left behind."""
+    """Hidden temporaries that killed runs left behind (ours only, of dead processes)."""
     for folder in (out / RECORDS_DIRNAME, out / "images", out / "pool"):
-        if folder.is_dir():
-            for tmp in folder.rglob(".*.tmp-*"):
-                if tmp.is_file():
-                    tmp.unlink(missing_ok=True)
+        remove_stale_temporaries(folder, recursive=True)
 
 
 # --------------------------------------------------------------------------- the build

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from hgdpo.losses import DEFAULT_BETA, DEFAULT_LAMBDA_STAT
+from hgdpo.options import check_value, flag_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,8 +24,16 @@ else:  # Python 3.10 (AUTOMATIC1111's): the same parser as a package
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # precision names used by every CLI
 
 
-def _option(default, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _option(default, help: str, choices: tuple | None = None, *, at_least=None, above=None, below=None,
+            at_most=None):
+    """A config field: its help text, its allowed values (``choices``) or range, checked by ``validate``."""
+    limits = {"at_least": at_least, "above": above, "below": below, "at_most": at_most}
+    return field(default=default, metadata={"help": help, "choices": choices,
+                                            "limits": {k: v for k, v in limits.items() if v is not None}})
+
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -49,54 +58,66 @@ class TrainConfig:
         ("hgdpo", "dpo", "sft"),
     )
     beta: float = _option(
-        DEFAULT_BETA, "DPO beta of Eq. 3 (paper: 2500; Salesforce's code writes 0.5*beta_dpo with beta_dpo=5000)."
+        DEFAULT_BETA, "DPO beta of Eq. 3 (paper: 2500; Salesforce's code writes 0.5*beta_dpo with beta_dpo=5000).",
+        above=0,
     )
-    lambda_stat: float = _option(DEFAULT_LAMBDA_STAT, "Weight of the statistic-matching loss, Eq. 9 (paper: 10000).")
+    lambda_stat: float = _option(DEFAULT_LAMBDA_STAT, "Weight of the statistic-matching loss, Eq. 9 (paper: 10000).",
+                                at_least=0)
     # LoRA
-    lora_rank: int = _option(8, "LoRA rank (paper: 8).")
-    lora_alpha: float = _option(8.0, "LoRA alpha; the update is scaled by alpha/rank (default: 8).")
+    lora_rank: int = _option(8, "LoRA rank (paper: 8).", at_least=1, at_most=1024)
+    lora_alpha: float = _option(8.0, "LoRA alpha; the update is scaled by alpha/rank (default: 8).",
+                                above=0)
     lora_targets: str = _option("to_q,to_k,to_v,to_out.0", "Comma-separated UNet linears to adapt (paper: attention).")
     # data
     resolution: str = _option("512", "Training size: N for NxN or WxH such as 704x1024 (paper); multiples of 8.")
-    batch_size: int = _option(1, "Pairs per device per micro-batch.")
-    effective_batch_size: int = _option(16, "Pairs per optimizer step over all devices, via accumulation (paper: 16).")
+    batch_size: int = _option(1, "Pairs per device per micro-batch.", at_least=1)
+    effective_batch_size: int = _option(16, "Pairs per optimizer step over all devices, via accumulation (paper: 16).",
+                                          at_least=1)
     cache_dir: str = _option(
         None, "Where VAE latents and text embeddings are cached (default: $HGDPO_CACHE or ~/.cache/hgdpo)."
     )
     # optimisation
-    max_steps: int = _option(2000, "Optimizer steps to train.")
-    learning_rate: float = _option(1e-5, "AdamW learning rate (paper: 1e-5).")
-    adam_beta1: float = _option(0.9, "AdamW beta1 (paper: 0.9).")
-    adam_beta2: float = _option(0.999, "AdamW beta2 (paper: 0.999).")
-    adam_weight_decay: float = _option(1e-2, "AdamW weight decay.")
-    adam_epsilon: float = _option(1e-8, "AdamW epsilon.")
+    max_steps: int = _option(2000, "Optimizer steps to train.", at_least=1)
+    learning_rate: float = _option(1e-5, "AdamW learning rate (paper: 1e-5).", above=0)
+    adam_beta1: float = _option(0.9, "AdamW beta1 (paper: 0.9).", at_least=0, below=1)
+    adam_beta2: float = _option(0.999, "AdamW beta2 (paper: 0.999).", at_least=0, below=1)
+    adam_weight_decay: float = _option(1e-2, "AdamW weight decay.", at_least=0)
+    adam_epsilon: float = _option(1e-8, "AdamW epsilon.", above=0)
     optimizer: str = _option(
         "adamw8bit", "adamw8bit (bitsandbytes, falls back to adamw with a warning where it cannot run) or adamw.",
         ("adamw8bit", "adamw"),
     )
-    lr_scheduler: str = _option("constant", "diffusers LR schedule name (constant, constant_with_warmup, cosine, ...).")
-    lr_warmup_steps: int = _option(0, "LR warm-up steps.")
-    max_grad_norm: float = _option(1.0, "Gradient clipping norm (0 disables clipping).")
+    lr_scheduler: str = _option("constant", "diffusers LR schedule.", LR_SCHEDULERS)
+    lr_warmup_steps: int = _option(0, "LR warm-up steps.", at_least=0)
+    max_grad_norm: float = _option(1.0, "Gradient clipping norm (0 disables clipping).", at_least=0)
     mixed_precision: str = _option("no", "Mixed precision: no, fp16 (GPU only) or bf16.", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _option(False, "Trade compute for memory in the UNet.")
-    seed: int = _option(0, "Seed for the LoRA init, data order, noise and timesteps.")
-    max_nonfinite_steps: int = _option(5, "Stop after this many optimizer steps in a row with NaN/inf gradients.")
+    seed: int = _option(0, "Seed for the LoRA init, data order, noise and timesteps.", at_least=0,
+                        at_most=MAX_SEED)
+    max_nonfinite_steps: int = _option(5, "Stop after this many optimizer steps in a row with NaN/inf gradients.",
+                                      at_least=1)
     # checkpoints, logs, validation
-    checkpointing_steps: int = _option(500, "Write a resumable checkpoint every N optimizer steps.")
-    checkpoints_total_limit: int = _option(3, "Keep this many newest checkpoints.")
+    checkpointing_steps: int = _option(500, "Write a resumable checkpoint every N optimizer steps.", at_least=1)
+    checkpoints_total_limit: int = _option(
+        3, "Keep this many newest checkpoints (the one just written is always kept).", at_least=1
+    )
     resume: str = _option(None, "'latest' or a checkpoint folder to continue from.")
     save_precision: str = _option("fp16", "dtype of the saved LoRA file.", ("fp16", "bf16", "fp32"))
-    log_every: int = _option(1, "Log scalars to TensorBoard every N optimizer steps.")
-    validation_steps: int = _option(500, "Render validation images every N optimizer steps and at the end (0: never).")
+    log_every: int = _option(1, "Log scalars to TensorBoard every N optimizer steps.", at_least=1)
+    validation_steps: int = _option(500, "Render validation images every N optimizer steps and at the end (0: never).",
+                                   at_least=0)
     validation_prompts: list[str] = _option(
         None, "Prompts for validation images (default: the dataset's first two prompts)."
     )
-    validation_seeds: list[int] = _option(None, "Seeds for validation images (default: 0 1).")
+    validation_seeds: list[int] = _option(None, "Seeds for validation images (default: 0 1).", at_least=0,
+                                          at_most=MAX_SEED)
     validation_lora_weights: list[float] = _option(
         None, "LoRA weights shown side by side (default: 0 0.5; paper: 0.5)."
     )
-    validation_inference_steps: int = _option(20, "DPM-Solver++ steps for validation images (paper sampling: 50).")
-    validation_guidance_scale: float = _option(5.0, "CFG scale for validation images (paper: 5.0).")
+    validation_inference_steps: int = _option(20, "DPM-Solver++ steps for validation images (paper sampling: 50).",
+                                             at_least=1, at_most=1000)
+    validation_guidance_scale: float = _option(5.0, "CFG scale for validation images (paper: 5.0).",
+                                                 at_least=0)
 
     def __post_init__(self) -> None:
         self.validation_seeds = self.validation_seeds or [0, 1]
@@ -112,12 +133,41 @@ class TrainConfig:
         return tuple(name.strip() for name in self.lora_targets.split(",") if name.strip())
 
     def validate(self) -> None:
+        """Check every option (type, range, choices, paths) before anything is loaded; raise a one-line ValueError."""
         for name in ("model", "dataset", "output_dir"):
             if not getattr(self, name):
-                raise ValueError(f"--{name.replace('_', '-')} is required (flag or config file).")
+                raise ValueError(f"{flag_name(name)} is required (flag or config file).")
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if value is not None:
+                check_value(flag_name(spec.name), value, spec.type, spec.metadata["limits"],
+                            spec.metadata["choices"])
         self.size  # noqa: B018  (raises on a bad resolution)
         if self.effective_batch_size % self.batch_size:
-            raise ValueError("--effective-batch-size must be a multiple of --batch-size.")
+            raise ValueError(f"--effective-batch-size {self.effective_batch_size} must be a multiple of --batch-size "
+                             f"{self.batch_size}.")
+        if not self.target_modules:
+            raise ValueError(f"--lora-targets {self.lora_targets!r}: name at least one UNet linear, e.g. to_q,to_k.")
+        if not self.output_name.strip() or Path(self.output_name).name != self.output_name:
+            raise ValueError(f"--output-name {self.output_name!r}: give a file name without folders.")
+        self._validate_paths()
+
+    def _validate_paths(self) -> None:
+        for name in ("output_dir", "cache_dir"):
+            value = getattr(self, name)
+            if value and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+                raise ValueError(f"{flag_name(name)} {value} is a file; give a folder (it is created if missing).")
+        if not Path(self.dataset).expanduser().exists():
+            raise ValueError(f"--dataset {self.dataset} not found; give a triplet dataset folder (index.parquet) "
+                             "or a Pick-a-Pic style .parquet file or folder.")
+        if self.model_config_dir and not Path(self.model_config_dir).expanduser().is_dir():
+            raise ValueError(f"--model-config-dir {self.model_config_dir} is not a folder; give a diffusers-layout "
+                             "config folder or leave it out.")
+        if self.resume not in (None, "latest"):
+            named = Path(self.output_dir) / "checkpoints" / self.resume
+            if not (Path(self.resume) / "state.json").is_file() and not (named / "state.json").is_file():
+                raise ValueError(f"--resume {self.resume}: no checkpoint there (no state.json); give 'latest', a "
+                                 "checkpoint folder, or a checkpoint name under OUTPUT_DIR/checkpoints.")
 
     def to_toml(self) -> str:
         """The config as a TOML document that ``--config`` reads back."""
@@ -189,8 +239,11 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     values: dict = {}
     config_file = arguments.pop("config", None)
     if config_file:
-        with open(config_file, "rb") as handle:
-            values = {key.replace("-", "_"): value for key, value in tomllib.load(handle).items()}
+        try:
+            with open(config_file, "rb") as handle:
+                values = {key.replace("-", "_"): value for key, value in tomllib.load(handle).items()}
+        except (OSError, ValueError) as error:  # missing file, or TOML syntax (TOMLDecodeError is a ValueError)
+            parser.error(f"--config {config_file}: cannot read it as TOML ({error}); fix or remove the file.")
         known = {spec.name for spec in fields(TrainConfig)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -59,9 +59,9 @@ file-name order), with columns ``caption`` (string), ``jpg_0``, ``jpg_1``
 ``bytes`` field), ``label_0`` (float) and optionally ``label_1`` (ignored).
 ``label_0 == 1`` means ``jpg_0`` won, ``label_0 == 0`` means ``jpg_1`` won; any
 other value (0.5 ties, nulls) is dropped and counted as a tie.  Only the small
-columns are read when opening; image bytes are read per row group on demand
-(memory-mapped) and kept in a small LRU cache, so a large shard is never held
-as Python ``bytes`` objects.
+columns are read when opening; image bytes are streamed on demand in batches of a
+few rows (``iter_batches``, memory-mapped) and kept in a small LRU cache, so neither a
+large shard nor one huge row group is ever held in memory whole.
 
 Filtering
 ---------
@@ -109,6 +109,7 @@ __all__ = [
     "export_pickapic",
     "is_about_people",
     "open_preference_dataset",
+    "resolve_dataset_path",
     "write_triplet_index",
 ]
 
@@ -303,20 +304,62 @@ class _LRU:
         self._bytes = 0
 
 
+#: Largest image (width x height) a dataset may hold: 40 megapixels, far below Pillow's decompression-bomb
+#: limit (~179 MP, 0.5 GB decoded); larger images are refused from their header, before decoding.
+MAX_IMAGE_PIXELS = 40_000_000
+#: File suffixes a triplet index may point to.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def resolve_dataset_path(root: str | Path, value: Any) -> Path:
+    """The file a dataset's relative image path names, or ValueError when it is not a safe image path.
+
+    ``value`` must be a non-empty relative ``/``-separated path with an image suffix
+    (:data:`IMAGE_SUFFIXES`) that stays inside ``root`` once every ``..`` and symbolic link is
+    resolved: ``/etc/passwd``, ``../x.png``, ``C:\\x.png`` or a link out of the folder are refused.
+    """
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise ValueError(f"image path {value!r} is empty or not text; write a path relative to the dataset folder")
+    if Path(value).is_absolute() or value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        raise ValueError(f"image path {value!r} is absolute; write it relative to the dataset folder")
+    if ".." in re.split(r"[/\\]", value):
+        raise ValueError(f"image path {value!r} leaves the dataset folder ('..'); keep images inside it")
+    if Path(value).suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"image path {value!r} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
+    base = Path(root).resolve()
+    path = (base / value).resolve()
+    if path != base and base not in path.parents:
+        raise ValueError(f"image path {value!r} resolves to {path}, outside the dataset folder {base} (a symbolic "
+                         "link?); keep images inside it")
+    return path
+
+
 def _decode_image(data: Any, index: int, source: str) -> Image.Image:
-    """Fully decode image bytes to an RGB PIL image or raise CorruptImageError."""
+    """Fully decode image bytes (or a binary file object) to an RGB PIL image or raise CorruptImageError.
+
+    The size is checked from the header first: images over :data:`MAX_IMAGE_PIXELS` are refused undecoded.
+    """
     if data is None:
         raise CorruptImageError(index, source, "no image bytes (null)")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) == 0:
+            raise CorruptImageError(index, source, "empty image data (0 bytes)")
+        data = io.BytesIO(data)
+    elif not hasattr(data, "read"):
         raise CorruptImageError(index, source, f"expected encoded image bytes, got {type(data).__name__}")
-    if len(data) == 0:
-        raise CorruptImageError(index, source, "empty image data (0 bytes)")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(data)
+    except Exception as exc:  # Pillow raises many types for bad data
+        raise CorruptImageError(index, source, f"{type(exc).__name__}: {exc}") from exc
+    width, height = im.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise CorruptImageError(index, source, f"{width}x{height} = {width * height} pixels, over the limit of "
+                                f"{MAX_IMAGE_PIXELS}; downscale it (e.g. to 1024 px on the long side)")
+    try:
         im.load()  # decode everything now so truncated data fails here
         if im.mode != "RGB":
             im = im.convert("RGB")
-    except Exception as exc:  # Pillow raises many types for bad data
+    except Exception as exc:
         raise CorruptImageError(index, source, f"{type(exc).__name__}: {exc}") from exc
     return im
 
@@ -516,23 +559,32 @@ class _TripletDataset(PreferenceDataset):
             self._rows.column("lose_image")[i].as_py(),
         )
 
+    def _resolved(self, i: int, rel: Any) -> Path:
+        """The image file of index path ``rel`` of pair ``i``; CorruptImageError for an unsafe path."""
+        if rel is None:
+            raise CorruptImageError(i, "(null path)", "image path is null in the index")
+        try:
+            return resolve_dataset_path(self.root, rel)
+        except ValueError as exc:
+            raise CorruptImageError(i, f"{rel!r} of {self.root / INDEX_FILENAME}", str(exc)) from None
+
     def image_sources(self, i: int) -> tuple[str, str]:
-        w, l = self._paths(self._index(i))
-        return str(self.root / w), str(self.root / l)
+        """The two image files, checked to lie inside the dataset (CorruptImageError otherwise)."""
+        i = self._index(i)
+        w, l = self._paths(i)
+        return str(self._resolved(i, w)), str(self._resolved(i, l))
 
     def load_pair(self, i: int) -> tuple[Image.Image, Image.Image]:
         i = self._index(i)
         out = []
         for rel in self._paths(i):
-            if rel is None:
-                raise CorruptImageError(i, "(null path)", "image path is null in the index")
-            path = self.root / rel
+            path = self._resolved(i, rel)
             try:
-                data = path.read_bytes()
+                with open(path, "rb") as handle:
+                    out.append(_decode_image(handle, i, str(path)))
             except OSError as exc:
                 why = "file not found" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {exc}"
                 raise CorruptImageError(i, str(path), why) from exc
-            out.append(_decode_image(data, i, str(path)))
         return out[0], out[1]
 
     def item_metadata(self, i: int) -> dict[str, Any]:
@@ -570,9 +622,11 @@ class _Shard:
 class _PickapicDataset(PreferenceDataset):
     kind = "pickapic"
 
-    #: Row groups of image bytes kept in memory per process (bounded by count and bytes).
-    cache_row_groups = 4
-    cache_bytes = 1 << 30
+    #: Rows of image bytes read at once (a row group is streamed in batches of this many rows).
+    batch_rows = 16
+    #: Batches of image bytes kept in memory per process (bounded by count and bytes).
+    cache_batches = 8
+    cache_bytes = 1 << 28
 
     def __init__(self, files: list[Path], source: str, people_only: bool) -> None:
         shards: list[_Shard] = []
@@ -649,11 +703,12 @@ class _PickapicDataset(PreferenceDataset):
     def _reset_caches(self) -> None:
         self._pid = os.getpid()
         self._files = _LRU(16)
-        self._row_groups = _LRU(self.cache_row_groups, self.cache_bytes)
+        self._row_groups = _LRU(self.cache_batches, self.cache_bytes)
+        self._cursors = _LRU(4)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_files", "_row_groups", "_pid"):
+        for key in ("_files", "_row_groups", "_cursors", "_pid"):
             state.pop(key, None)
         return state
 
@@ -661,19 +716,33 @@ class _PickapicDataset(PreferenceDataset):
         self.__dict__.update(state)
         self._reset_caches()
 
-    def _row_group(self, shard_id: int, rg: int) -> pa.Table:
+    def _batch(self, shard_id: int, rg: int, number: int) -> pa.RecordBatch:
+        """Batch ``number`` (of :attr:`batch_rows` rows) of row group ``rg``, streamed with ``iter_batches``.
+
+        A row group is never read whole: one reader per row group walks forward batch by batch, so the
+        (usual) in-order access reads each batch once; a step back restarts that row group's reader.
+        """
         if os.getpid() != self._pid:
             self._reset_caches()
-        key = (shard_id, rg)
-        table = self._row_groups.get(key)
-        if table is None:
-            pf = self._files.get(shard_id)
-            if pf is None:
-                pf = pq.ParquetFile(self._shards[shard_id].path, memory_map=True)
-                self._files.put(shard_id, pf)
-            table = pf.read_row_group(rg, columns=["jpg_0", "jpg_1"])
-            self._row_groups.put(key, table, table.nbytes)
-        return table
+        key = (shard_id, rg, number)
+        batch = self._row_groups.get(key)
+        if batch is not None:
+            return batch
+        pf = self._files.get(shard_id)
+        if pf is None:
+            pf = pq.ParquetFile(self._shards[shard_id].path, memory_map=True)
+            self._files.put(shard_id, pf)
+        cursor = self._cursors.get((shard_id, rg))
+        if cursor is None or cursor[1] > number:
+            reader = pf.iter_batches(batch_size=self.batch_rows, row_groups=[rg], columns=["jpg_0", "jpg_1"])
+            cursor = (reader, 0)
+        reader, position = cursor
+        for _ in range(number - position):
+            next(reader)
+        batch = next(reader)
+        self._cursors.put((shard_id, rg), (reader, number + 1))
+        self._row_groups.put(key, batch, batch.nbytes)
+        return batch
 
     # -- items -------------------------------------------------------------------
 
@@ -695,16 +764,16 @@ class _PickapicDataset(PreferenceDataset):
         shard_id, row, winner = self._locate(i)
         starts = self._shards[shard_id].rg_starts
         rg = int(np.searchsorted(starts, row, side="right")) - 1
-        offset = row - int(starts[rg])
+        number, offset = divmod(row - int(starts[rg]), self.batch_rows)
         try:
-            table = self._row_group(shard_id, rg)
-        except (OSError, pa.ArrowException) as exc:
+            batch = self._batch(shard_id, rg, number)
+        except (OSError, pa.ArrowException, StopIteration) as exc:
             raise CorruptImageError(
-                i, self._source(winner, shard_id, row), f"cannot read row group {rg}: {exc}"
+                i, self._source(winner, shard_id, row), f"cannot read row group {rg}: {exc!r}"
             ) from exc
         out = []
         for col in (winner, 1 - winner):
-            value = table.column(f"jpg_{col}")[offset].as_py()
+            value = batch.column(f"jpg_{col}")[offset].as_py()
             if isinstance(value, dict):  # Hugging Face Image struct {bytes, path}
                 value = value.get("bytes")
             out.append(_decode_image(value, i, self._source(col, shard_id, row)))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from hgdpo.options import check_value
 from hgdpo.sampling import SamplingConfig
 
 if TYPE_CHECKING:
@@ -141,11 +142,18 @@ class EvaluationConfig:
             raise ValueError(f"A metric is named twice: {[metric.name for metric in self.metrics]}.")
         if self.baseline.label == self.candidate.label:
             raise ValueError(f"The two models need different labels, both are {self.baseline.label!r}.")
-        for name in ("batch_size", "resamples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.grid_pairs < 0 or self.tie_tolerance < 0:
-            raise ValueError("grid_pairs and tie_tolerance must not be negative.")
+        for flag, value, kind, limits in (
+            ("--batch-size", self.batch_size, "int", {"at_least": 1}),
+            ("--bootstrap", self.resamples, "int", {"at_least": 1, "at_most": 10_000_000}),
+            ("--grid-pairs", self.grid_pairs, "int", {"at_least": 0}),
+            ("--tie-tolerance", self.tie_tolerance, "float", {"at_least": 0}),
+            ("--seeds", self.seeds, "list[int]", {"at_least": 0, "at_most": 2**63 - 1}),
+            ("--baseline-lora-weight", self.baseline.lora_weight, "float", {"at_least": -10, "at_most": 10}),
+            ("--candidate-lora-weight", self.candidate.lora_weight, "float", {"at_least": -10, "at_most": 10}),
+        ):
+            check_value(flag, value, kind, limits)
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"--output-dir {self.output_dir} is a file; give a folder (it is created if missing).")
 
     @property
     def pairs(self) -> list[tuple[str, int]]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hgdpo import infotext
+from hgdpo.options import check_value, flag_name
 from hgdpo.sampling import ImageGenerator, SamplingConfig, best_of_n
 
 if TYPE_CHECKING:
@@ -71,8 +72,13 @@ class GenerateJob:
         if not self.prompts:
             raise ValueError("No prompt given: pass PROMPT, --prompt TEXT or --prompts FILE.")
         for name in ("best_of", "num_images", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+            check_value(flag_name(name), getattr(self, name), "int", {"at_least": 1, "at_most": 10_000})
+        check_value("--seed", self.seed, "int", {"at_least": 0, "at_most": 2**63 - 1})
+        for flag, path in (("--lora", self.lora), ("--model-config-dir", self.model_config_dir)):
+            if path is not None and not Path(path).expanduser().exists():
+                raise FileNotFoundError(f"{flag} {path} not found; check the path.")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"--output-dir {self.output_dir} is a file; give a folder (it is created if missing).")
         if self.save_sft and (self.config.lan_strength == 0.0 or self.best_of > 1):
             raise ValueError("--save-sft needs --lan and no --best-of (the SFT image comes from the lockstep "
                              "trajectory of a single image).")

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from hgdpo.dataset import resolve_dataset_path
+
 __all__ = [
     "QUANTILES",
     "ContactRow",
@@ -205,7 +207,11 @@ def read_kept_pools(dataset_dir: str | Path) -> list[KeptPool]:
         files, scores = record.get("pool_images"), record.get("scores")
         if record.get("status") != "ok" or not files or not scores or len(files) != len(scores) or len(files) < 2:
             continue
-        paths = [root / rel for rel in files]
+        try:
+            paths = [resolve_dataset_path(root, rel) for rel in files]
+        except ValueError as error:
+            logger.warning("%s: %s; left out of the pool analysis", path, error)
+            continue
         if not all(p.is_file() for p in paths):
             logger.warning("%s: a pool image is missing; left out of the pool analysis", path)
             continue

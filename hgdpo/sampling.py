@@ -29,6 +29,7 @@ import torch
 
 from hgdpo.lan import normalize_stacked
 from hgdpo.lora_runtime import FunctionalLoRA, LoRAFile, attach_lora, read_lora
+from hgdpo.options import check_value
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -69,16 +70,22 @@ class SamplingConfig:
     """0 samples the DPO model alone; (0, 1] samples SFT and DPO in lockstep with LAN (1 = Eq. 7)."""
 
     def validate(self) -> None:
+        """Check every setting (type, range, finiteness) before anything is loaded; one-line ValueError."""
         if self.sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}.")
-        if self.width % 8 or self.height % 8 or min(self.width, self.height) < 8:
+        for flag, value, kind, limits in (
+            ("--steps", self.steps, "int", {"at_least": 1, "at_most": 1000}),
+            ("--cfg", self.guidance_scale, "float", {"at_least": 0}),
+            ("--width", self.width, "int", {"at_least": 8, "at_most": 8192}),
+            ("--height", self.height, "int", {"at_least": 8, "at_most": 8192}),
+            ("--lora-weight", self.lora_weight, "float", {"at_least": -10, "at_most": 10}),
+            ("--lan", self.lan_strength, "float", {"at_least": 0, "at_most": 1}),
+        ):
+            check_value(flag, value, kind, limits)
+        if self.width % 8 or self.height % 8:
             raise ValueError(f"Width and height must be positive multiples of 8, got {self.width}x{self.height}.")
-        if not 0.0 <= self.lan_strength <= 1.0:
-            raise ValueError(f"LAN strength must lie in [0, 1], got {self.lan_strength}.")
 
     @property
     def sampler_label(self) -> str:

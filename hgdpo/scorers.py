@@ -194,6 +194,17 @@ def _missing_processor_files(folder: Path) -> str | None:
     return None if has_tokenizer else "no tokenizer files (tokenizer.json, or vocab.json + merges.txt)"
 
 
+def default_processor(model: str | Path, fallback: str) -> str:
+    """The processor to use when none is given: a local model folder's own processor files, else ``fallback``."""
+    folder = Path(model).expanduser()
+    if _is_local(model) and folder.is_dir() and _missing_processor_files(folder) is None:
+        logger.info("Scorer processor: the files in the model folder %s (give %s to use another).", folder,
+                    PROCESSOR_FLAG)
+        return str(folder)
+    logger.info("Scorer processor: %s (give %s to use another).", fallback, PROCESSOR_FLAG)
+    return fallback
+
+
 def _dtype_option(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``dtype=`` for transformers >= 4.56, ``torch_dtype=`` before."""
     import transformers
@@ -304,7 +315,8 @@ class PickScoreScorer(_CLIPEmbedder):
     Args:
         model: ``yuvalkirstain/PickScore_v1`` (hub id) or a local folder holding it.
         processor: ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (hub id) or a local folder with its
-            ``preprocessor_config.json`` and tokenizer files.
+            ``preprocessor_config.json`` and tokenizer files. Default: the model folder itself when it
+            holds those files (a local copy saved with its processor), else that hub id; the choice is logged.
         device, dtype: where and in which precision the model runs; scores are float32 on the CPU.
         batch_size: pairs embedded at once.
     """
@@ -314,7 +326,7 @@ class PickScoreScorer(_CLIPEmbedder):
     def __init__(
         self,
         model: str | Path = DEFAULT_PICKSCORE_MODEL,
-        processor: str | Path = DEFAULT_PICKSCORE_PROCESSOR,
+        processor: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
@@ -327,6 +339,7 @@ class PickScoreScorer(_CLIPEmbedder):
             DEFAULT_PICKSCORE_PROCESSOR,
             "models/pickscore/CLIP-ViT-H-14-laion2B-s32B-b79K",
         )
+        processor = default_processor(model, DEFAULT_PICKSCORE_PROCESSOR) if processor is None else processor
         clip_model, clip_processor = _load_clip(model, processor, dtype, spec)
         super().__init__(clip_model, clip_processor, device, dtype, batch_size)
 

@@ -202,6 +202,9 @@ def train(config: TrainConfig) -> Path:
     resume_from = checkpoints.resolve(config.resume) if config.resume else None
     if config.resume and resume_from is None:
         logger.info("No checkpoint in %s yet: starting a new run.", checkpoints.root)
+    accelerator.wait_for_everyone()  # every rank has resolved before the main one moves anything
+    if accelerator.is_main_process:
+        checkpoints.abandon_other_lineages(resume_from)
     if resume_from is not None:
         progress_state = _restore(
             resume_from, config, accelerator, unet, optimizer, lr_scheduler, noise_generator, rank

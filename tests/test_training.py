@@ -220,7 +220,7 @@ def test_config_file_and_flags(tmp_path):
         assert option in help_text
     assert "(default: 2500.0)" in help_text and "(default: 10000.0)" in help_text
     config_file = tmp_path / "run.toml"
-    config_file.write_text(TrainConfig(model="m", dataset="d", output_dir="o", beta=1000.0,
+    config_file.write_text(TrainConfig(model="m", dataset=str(tmp_path), output_dir="o", beta=1000.0,
                                        validation_prompts=['a "quoted" prompt']).to_toml())
     config = load_config(["--config", str(config_file), "--lora-rank", "4"])
     assert (config.beta, config.lora_rank, config.model) == (1000.0, 4, "m")

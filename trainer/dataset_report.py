@@ -19,7 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from hgdpo.config import parse_resolution  # noqa: E402
 from hgdpo.errors import run_cli  # noqa: E402
+from hgdpo.options import check_value  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         from hgdpo.report import write_report
 
         if not Path(arguments.dataset).expanduser().exists():
-            raise FileNotFoundError(f"dataset {arguments.dataset} not found")
+            raise FileNotFoundError(f"--dataset {arguments.dataset} not found; give a triplet dataset folder or a "
+                                    "Pick-a-Pic style .parquet file.")
+        check_value("--max-pairs", arguments.max_pairs, "int", {"at_least": 0})
+        check_value("--batch-size", arguments.batch_size, "int", {"at_least": 1})
+        if arguments.resolution is not None:
+            parse_resolution(str(arguments.resolution))
+        if arguments.max_latent_items is not None:
+            check_value("--max-latent-items", arguments.max_latent_items, "int", {"at_least": 1})
+        if Path(arguments.output_dir).exists() and not Path(arguments.output_dir).is_dir():
+            raise ValueError(f"--output-dir {arguments.output_dir} is a file; give a folder.")
         components = None
         if arguments.model:
             from hgdpo.models import load_sd15
