@@ -15,6 +15,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hgdpo.toyworld.demo import DemoSettings, run_demo  # noqa: E402
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_steps < 1:
         parser.error(f"--train-steps must be at least 1, got {args.train_steps}.")
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)  # the toy models are tiny: one thread beats two, much more so on a busy machine
     settings = replace(DemoSettings(), train_steps=args.train_steps, compare_dpo_only=not args.no_dpo_only)
     figures = run_demo(args.output_dir, settings)
     print("\nHG-DPO toy-world demo finished:")

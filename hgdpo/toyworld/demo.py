@@ -40,13 +40,13 @@ class DemoSettings:
     """The demo's sizes; the defaults take a few minutes on 2 CPU cores."""
 
     model: str = str(SHIPPED / "sft")
-    num_train_prompts: int = 120
-    num_eval_prompts: int = 60
+    num_train_prompts: int = 64
+    num_eval_prompts: int = 40
     eval_seeds: tuple[int, ...] = (0, 1)
-    pool_size: int = 8
+    pool_size: int = 6
     steps: int = 10  # DPM-Solver++ steps, for pools and evaluation
     guidance_scale: float = 3.0
-    train_steps: int = 150
+    train_steps: int = 100
     learning_rate: float = 5e-4
     lambda_stat: float = 10000.0  # the paper's value
     lan_strength: float = 1.0
