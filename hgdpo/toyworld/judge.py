@@ -66,7 +66,8 @@ def template(pose: str, shift: tuple[int, int]) -> Template:
     ax, ay = figure.anchor
     left, top, right, bottom = world.TORSO
     torso = np.zeros_like(whole)
-    torso[int(round(ay + top)) + 1 : int(round(ay + bottom)) - 1, int(round(ax + left)) + 1 : int(round(ax + right)) - 1] = True
+    rows = slice(int(round(ay + top)) + 1, int(round(ay + bottom)) - 1)
+    torso[rows, int(round(ax + left)) + 1 : int(round(ax + right)) - 1] = True
     return Template(whole, limbs, torso & bare, _grow(whole))
 
 
