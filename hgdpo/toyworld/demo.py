@@ -189,6 +189,12 @@ def _interval(rate: dict[str, float]) -> str:
     return f"{rate['rate']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}]"
 
 
+def _curve(values: dict[str, float], tag: str, spec: str) -> str:
+    """A table cell 'first tenth -> last tenth' of one logged series."""
+    first, last = values.get(f"{tag} first", float("nan")), values.get(f"{tag} last", float("nan"))
+    return f"<td>{first:{spec}} &rarr; {last:{spec}}</td>"
+
+
 def write_report(figures: dict[str, Any], grid: Path, labels: dict[str, str], path: Path) -> Path:
     """``report.html``: the grid, the win-rate table, the colour shift and the training figures."""
     rows = []
@@ -203,12 +209,11 @@ def write_report(figures: dict[str, Any], grid: Path, labels: dict[str, str], pa
                     f"<td>{_interval(row['judge_win_rate'])}</td><td>{row['judge_correct']:.3f}</td>"
                     f"<td>{shift}</td></tr>")
     training = "".join(
-        f"<tr><td>{html.escape(run)}</td>" + "".join(f"<td>{values.get(f'{tag} first', float('nan')):.4f} &rarr; "
-                                                     f"{values.get(f'{tag} last', float('nan')):.4f}</td>"
-                                                     for tag in ("loss/dpo", "dpo/implicit_accuracy",
-                                                                 "loss/stat_share")) + "</tr>"
+        f"<tr><td>{html.escape(run)}</td>{_curve(values, 'loss/dpo', '.4f')}"
+        f"{_curve(values, 'dpo/implicit_accuracy', '.3f')}{_curve(values, 'loss/stat_share', '.4%')}</tr>"
         for run, values in figures["training"].items())
-    columns = "SFT | " + " | ".join(labels[label] for label in figures["models"] if label != "sft")
+    columns = "SFT | " + " | ".join(labels[label] for label in figures["models"]
+                                    if label != "sft" and not label.startswith("dpo_only"))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>HG-DPO toy-world demo</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px}}img{{image-rendering:pixelated}}</style></head><body>
