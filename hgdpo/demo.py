@@ -1,26 +1,17 @@
-"""The built-in offline demo: tiny model, synthetic preference data, HG-DPO training, before/after.
+"""Synthetic preference data for plumbing tests: warm, smooth winners and cold-noise losers.
 
-Nothing is downloaded. The model is the tiny random-weight SD1.5-structured model of
-:mod:`hgdpo.tiny`; the "AI feedback" is synthetic: winners are warm, smooth images and losers cold
-noise. The demo reports how the DPO loss and the implicit accuracy (the share of pairs whose winner the
-policy prefers more than the reference does) move during training. It shows the whole pipeline
-working, not image quality: a random-weight model draws noise at any LoRA weight.
+The README's demo is the toy world's (:mod:`hgdpo.toyworld.demo`); these triplets only exercise the data
+format and the trainer's mechanics with the random-weight model of :mod:`hgdpo.tiny`.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from hgdpo.config import TrainConfig
 from hgdpo.dataset import TripletWriter
-from hgdpo.tiny import build_tiny_model
-
-logger = logging.getLogger(__name__)
 
 DEMO_PROMPTS = (
     "a portrait photo of a smiling woman",
@@ -32,7 +23,6 @@ DEMO_PROMPTS = (
     "a group of friends laughing at a table",
     "a full body shot of a dancer on stage",
 )
-LORA_WEIGHTS = (0.0, 0.5, 1.0)
 
 
 def smooth_image(rng: np.random.Generator, size: int) -> Image.Image:
@@ -59,56 +49,3 @@ def write_synthetic_triplets(directory: str | Path, num_pairs: int = 32, size: i
             writer.add(DEMO_PROMPTS[i % len(DEMO_PROMPTS)], smooth_image(rng, size), noisy_image(rng, size),
                        win_score, 0.2, scores=scores, win_seed=2 * i, lose_seed=2 * i + 1)
     return Path(directory)
-
-
-def logged_scalars(log_dir: str | Path) -> dict[str, list[float]]:
-    """Every scalar series a run logged to TensorBoard, by tag, in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    series: dict[str, list[float]] = {}
-    for event_file in sorted(Path(log_dir).rglob("events.out.tfevents*")):
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            series.setdefault(tag, []).extend(event.value for event in accumulator.Scalars(tag))
-    return series
-
-
-def run_demo(output_dir: str | Path = "demo_output", max_steps: int = 100) -> dict[str, object]:
-    """Build model and data, train, copy the last validation grid to ``before_after.png``; return figures."""
-    from hgdpo.training import train
-
-    output_dir = Path(output_dir)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    model = build_tiny_model(output_dir / "tiny_model")
-    dataset = write_synthetic_triplets(output_dir / "dataset", num_pairs=16)
-    config = TrainConfig(
-        model=str(model),
-        dataset=str(dataset),
-        output_dir=str(output_dir / "run"),
-        resolution="64",
-        max_steps=max_steps,
-        effective_batch_size=4,
-        batch_size=4,
-        learning_rate=1e-3,  # the paper's 1e-5 is for real models and thousands of steps
-        lambda_stat=10000.0,
-        checkpointing_steps=max(1, max_steps // 2),
-        validation_steps=max_steps,  # one grid, at the end
-        validation_prompts=list(DEMO_PROMPTS[:2]),
-        validation_lora_weights=list(LORA_WEIGHTS),
-        validation_inference_steps=10,
-        cache_dir=str(output_dir / "cache"),
-        optimizer="adamw",
-    )
-    lora = train(config)
-    grid = output_dir / "before_after.png"
-    shutil.copy(sorted((output_dir / "run" / "validation").glob("step-*.png"))[-1], grid)
-    scalars = logged_scalars(output_dir / "run" / "logs")
-    window = max(1, max_steps // 10)
-    figures: dict[str, object] = {"LoRA": str(lora), "before/after (rows: LoRA weight 0, 0.5, 1)": str(grid)}
-    for tag in ("loss/dpo", "dpo/implicit_accuracy", "loss/stat_share"):
-        values = scalars[tag]
-        first, last = np.mean(values[:window]), np.mean(values[-window:])
-        figures[f"{tag}, first {window} steps -> last {window}"] = f"{first:.3f} -> {last:.3f}"
-    return figures

@@ -1,0 +1,32 @@
+"""``python -m hgdpo.toyworld build OUT``: rebuild the toy world's SFT model and scorer from scratch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+
+from hgdpo.toyworld.build import BuildSettings, build_world
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hgdpo.toyworld", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="Train the SFT model and the scorer into a new folder OUT.")
+    build.add_argument("output_dir", metavar="OUT", help="New folder for sft/, scorer.safetensors and world.json.")
+    for spec in fields(BuildSettings):
+        build.add_argument("--" + spec.name.replace("_", "-"), type=type(spec.default), default=spec.default,
+                           help=f"(default: {spec.default})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    settings = BuildSettings(**{spec.name: getattr(args, spec.name) for spec in fields(BuildSettings)})
+    try:
+        build_world(args.output_dir, settings)
+    except (FileExistsError, ValueError) as error:
+        parser.error(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

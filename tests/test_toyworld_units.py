@@ -1,0 +1,101 @@
+"""The toy world's renderer, malformations, prompt grammar, judge and scorer (fast, no diffusion model)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from hgdpo.toyworld import world
+from hgdpo.toyworld.judge import AnatomyJudge, count_parts, judge
+from hgdpo.toyworld.scorer import SHIPPED, WorldScorer
+
+
+def _sample_scenes(count: int, seed: int = 3) -> list[world.Scene]:
+    rng = random.Random(seed)
+    return [rng.choice(world.all_scenes()) for _ in range(count)]
+
+
+def test_grammar_round_trips_every_prompt_and_refuses_others():
+    scenes = world.all_scenes()
+    assert len(scenes) == len(set(scene.prompt for scene in scenes)) == 240
+    assert all(world.parse_prompt(scene.prompt) == scene for scene in scenes)
+    assert world.parse_prompt("A  Person in a red shirt with arms out ON A BEACH").pose == "arms_out"
+    with pytest.raises(ValueError, match="not in the toy world's grammar"):
+        world.parse_prompt("a cat on a sofa")
+
+
+def test_render_is_deterministic_and_seed_moves_the_figure():
+    scene = world.Scene("man", "blue", "arms_out", "night")
+    first = np.asarray(world.render(scene, 5))
+    assert first.shape == (world.SIZE, world.SIZE, 3)
+    assert np.array_equal(first, np.asarray(world.render(scene, 5)))
+    assert not np.array_equal(first, np.asarray(world.render(scene, 6)))
+
+
+@pytest.mark.parametrize("kind", world.MALFORMATIONS)
+def test_each_malformation_changes_the_image(kind):
+    scene = world.Scene("woman", "green", "both_arms_up", "beach")
+    changed = [not np.array_equal(np.asarray(world.render(scene, seed)), np.asarray(world.malform(scene, kind, seed)))
+               for seed in range(10)]
+    assert all(changed)
+
+
+def test_swapped_malformations_draw_another_scene():
+    scene = world.Scene("person", "red", "arms_down", "grass")
+    assert world.drawn_scene(scene, "wrong_pose", 1).pose != "arms_down"
+    assert world.drawn_scene(scene, "wrong_colour", 1).colour != "red"
+    assert world.drawn_scene(scene, "melted", 1) == scene
+    with pytest.raises(ValueError, match="Unknown malformation"):
+        world.malform(scene, "two_heads")
+
+
+def test_judge_passes_clean_renders_and_scores_them_above_malformed_ones():
+    """On 100 scenes: clean renders are judged correct, and each beats its malformed twin far more often than not."""
+    scenes = _sample_scenes(100)
+    clean = [judge(scene.prompt, world.render(scene, i)) for i, scene in enumerate(scenes)]
+    assert np.mean([result["correct"] for result in clean]) >= 0.95
+    for kind in world.MALFORMATIONS:
+        bad = [judge(scene.prompt, world.malform(scene, kind, i)) for i, scene in enumerate(scenes)]
+        better = np.mean([c["score"] > b["score"] for c, b in zip(clean, bad)])
+        assert better >= 0.5, (kind, better)
+        assert np.mean([result["correct"] for result in bad]) <= 0.6, kind
+
+
+def test_judge_reads_the_prompt():
+    scene = world.Scene("person", "yellow", "arms_out", "indoor")
+    image = world.render(scene, 0)
+    assert judge(scene.prompt, image)["correct"] == 1.0
+    other = world.Scene("person", "purple", "both_arms_up", "indoor")
+    result = judge(other.prompt, image)
+    assert result["colour"] == 0.0 and result["pose"] == 0.0
+
+
+def test_count_parts():
+    mask = np.zeros((8, 8), bool)
+    mask[0:2, 0:2] = True
+    mask[5:8, 5] = True
+    mask[0, 7] = True  # a speck below the minimum size
+    assert count_parts(mask) == 2
+
+
+def test_judge_as_a_scorer_plugin():
+    from hgdpo.scorers import load_scorer
+
+    scorer = load_scorer("hgdpo.toyworld.judge:AnatomyJudge")
+    assert isinstance(scorer, AnatomyJudge)
+    scene = world.Scene("man", "red", "one_arm_up", "beach")
+    scores = scorer.score([scene.prompt] * 2, [world.render(scene, 0), world.malform(scene, "melted", 0)])
+    assert scores[0] > scores[1]
+
+
+@pytest.mark.skipif(not (SHIPPED / "scorer.safetensors").is_file(), reason="the built world is not shipped")
+def test_shipped_scorer_prefers_clean_renders_and_is_blind_to_extra_limbs_only_partly():
+    scorer = WorldScorer()
+    scenes = _sample_scenes(100, seed=11)
+    prompts = [scene.prompt for scene in scenes]
+    clean = scorer.score(prompts, [world.render(scene, i) for i, scene in enumerate(scenes)])
+    for kind in world.MALFORMATIONS:
+        bad = scorer.score(prompts, [world.malform(scene, kind, i) for i, scene in enumerate(scenes)])
+        assert (clean > bad).float().mean() >= 0.6, kind
