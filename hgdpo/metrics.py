@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hgdpo.safe_load import load_pickle
 from hgdpo.scorers import (
     DEFAULT_CLIP_MODEL,
     ScorerWeightsError,
@@ -197,7 +198,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     import pickle
 
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_pickle(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as failure:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({failure}).") from failure
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from hgdpo.fileio import atomic_write_text, cache_root
+from hgdpo.safe_load import load_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as error:  # safetensors raises its own error types
             raise ValueError(f"{path} is not a readable .safetensors file ({error}).") from error
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_pickle(path, mmap=True)
+    except ValueError:  # refused by load_pickle: its message says why
+        raise
     except Exception as error:
         raise ValueError(
             f"{path} could not be read with torch.load(weights_only=True): {error}. Pickled "
