@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from hgdpo.fileio import atomic_path, fsync_dir, make_dirs, remove_stale_temporaries
+from hgdpo.safe_load import load_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class CheckpointManager:
         try:
             state = TrainingState(**json.loads((path / "state.json").read_text()))
             tensors = load_file(str(path / "weights.safetensors"))
-            objects = {p.stem: torch.load(p, map_location="cpu", weights_only=True) for p in path.glob("*.pt")}
+            objects = {p.stem: load_pickle(p) for p in path.glob("*.pt")}
         except (OSError, ValueError, TypeError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
             raise ValueError(f"Checkpoint {path} is unreadable ({type(error).__name__}: {error}); resume from an "
                              "older one with --resume <folder>, or move this one away.") from None

@@ -87,7 +87,7 @@ def test_lan_with_lora_weight_zero_equals_plain_sft_sampling(generator, base_gen
                              shared_forward=shared_forward)
     assert torch.equal(lan.sft_latents, lan.latents)  # stochastic samplers: both halves got the same noise
     if shared_forward:  # one batched forward of twice the rows: equal up to the kernels' batch-size rounding
-        torch.testing.assert_close(lan.latents, plain.latents, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lan.latents, plain.latents, rtol=1e-4, atol=1e-4)  # batched vs unbatched float sums
     else:
         assert torch.equal(lan.latents, plain.latents)
 
@@ -100,8 +100,8 @@ def test_fast_path_equals_two_forwards_and_two_unets(generator, tiny_model_dir, 
         PROMPTS, SEEDS, settings)
     assert not generator.generate(PROMPTS, SEEDS, settings).latents.equal(fast.sft_latents)
     for other in (two_forwards, two_unets):
-        torch.testing.assert_close(fast.latents, other.latents, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(fast.sft_latents, other.sft_latents, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.latents, other.latents, rtol=1e-4, atol=1e-4)  # batched vs unbatched float sums
+        torch.testing.assert_close(fast.sft_latents, other.sft_latents, rtol=1e-4, atol=1e-4)
     assert len(fast.sft_images) == len(fast.images) == 2
 
 
