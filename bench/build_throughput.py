@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Dataset-building throughput: ``hgdpo.builder.build_dataset`` against a naive diffusers loop, and scoring.
+"""Dataset-building throughput: ``hgdpo.data.builder.build_dataset`` against a naive diffusers loop, and scoring.
 
 A benchmark, not a test. One process, one model, one resolution, one step count, one DPM-Solver++
 scheduler configuration; warm-up, then interleaved rounds (A B, B A, A B, ...); medians over rounds, and
@@ -17,7 +17,7 @@ ratios as medians of the per-round ratios (the two variants of a round ran back 
                negative prompt) re-encoded for every image. Same modules, same DPM-Solver++ scheduler
                config, same seeds. It neither scores nor writes anything, which favours it.
 
-Scoring throughput (``--skip-scoring`` to skip): ``hgdpo.scorers.PickScoreScorer`` on a randomly
+Scoring throughput (``--skip-scoring`` to skip): ``hgdpo.feedback.scorers.PickScoreScorer`` on a randomly
 initialised CLIP with PickScore's architecture (ViT-H/14 vision tower, 1024-wide 24-layer text tower,
 projection 1024; ``--scorer-arch pickscore``, the default) or a tiny CLIP (``--scorer-arch tiny``), saved
 with ``save_pretrained`` to a temporary folder with a ``CLIPProcessor`` made offline (the scorer loads it
@@ -31,7 +31,7 @@ Examples::
     python bench/build_throughput.py --arch sd15 --device cuda --resolution 512
     python bench/build_throughput.py --arch sd15 --device cuda --resolution 704x1024 --skip-scoring
 
-Models have random weights (``hgdpo.tiny.build_models``; ``--arch sd15`` is the real SD1.5 architecture),
+Models have random weights (``hgdpo.models.tiny.build_models``; ``--arch sd15`` is the real SD1.5 architecture),
 so timings are those of the real model; nothing is downloaded.
 """
 
@@ -55,7 +55,7 @@ from benchlib import cpu_name, interleaved_rounds, median_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hgdpo.config import DTYPES as _DTYPES  # noqa: E402
+from hgdpo.training.config import DTYPES as _DTYPES  # noqa: E402
 
 
 def _ratio(numerators: list[float], denominators: list[float]) -> dict[str, float]:
@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="OUT", help="Write all figures (and the raw per-round times) here.")
     args = parser.parse_args(argv)
 
-    from hgdpo.config import parse_resolution
+    from hgdpo.training.config import parse_resolution
 
     cpu = args.device == "cpu"
     args.resolution = args.resolution or ("64" if cpu else "512")
@@ -171,10 +171,10 @@ def brightness(prompts, images):
 def bench_generation(args, workdir: Path) -> dict:
     from diffusers import DPMSolverMultistepScheduler
 
-    from hgdpo.builder import BuildConfig, build_dataset, derive_seed
-    from hgdpo.models import load_sd15
-    from hgdpo.scorers import FunctionScorer
-    from hgdpo.tiny import build_models, save_diffusers_folder, sd15_configs, tiny_sd15_configs
+    from hgdpo.data.builder import BuildConfig, build_dataset, derive_seed
+    from hgdpo.models.loading import load_sd15
+    from hgdpo.feedback.scorers import FunctionScorer
+    from hgdpo.models.tiny import build_models, save_diffusers_folder, sd15_configs, tiny_sd15_configs
 
     device, dtype = torch.device(args.device), _DTYPES[args.dtype]
     started = time.perf_counter()
@@ -246,8 +246,8 @@ def make_clip_folder(arch: str, folder: Path, seed: int) -> tuple[Path, Path, in
     from accelerate import init_empty_weights
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from hgdpo.models import clip_tokenizer
-    from hgdpo.tiny import randomize_parameters
+    from hgdpo.models.loading import clip_tokenizer
+    from hgdpo.models.tiny import randomize_parameters
 
     vision, text = (PICKSCORE_VISION, PICKSCORE_TEXT) if arch == "pickscore" else (TINY_VISION, TINY_TEXT)
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=1024 if arch == "pickscore" else 32)
@@ -273,7 +273,7 @@ def make_clip_folder(arch: str, folder: Path, seed: int) -> tuple[Path, Path, in
 def bench_scoring(args, workdir: Path) -> dict:
     from PIL import Image
 
-    from hgdpo.scorers import PickScoreScorer
+    from hgdpo.feedback.scorers import PickScoreScorer
 
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -298,7 +298,7 @@ def bench_scoring(args, workdir: Path) -> dict:
 
     seconds, cpu_seconds = interleaved_rounds({"batch1": at(1), "batch8": at(8)}, args.score_rounds, 1, device, "score")
     return {
-        "scorer": {"class": "hgdpo.scorers.PickScoreScorer", "arch": args.scorer_arch, "parameters": parameters,
+        "scorer": {"class": "hgdpo.feedback.scorers.PickScoreScorer", "arch": args.scorer_arch, "parameters": parameters,
                    "vision_config": PICKSCORE_VISION if args.scorer_arch == "pickscore" else TINY_VISION,
                    "text_config": PICKSCORE_TEXT if args.scorer_arch == "pickscore" else TINY_TEXT,
                    "setup_seconds": round(setup_seconds, 1), "image_size_wxh": list(args.score_size)},

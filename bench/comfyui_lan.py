@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare_files(args, work: Path) -> tuple[Path, Path]:
     """The checkpoint and the LoRA (random, written once into the work dir) and a ComfyUI base directory."""
-    from hgdpo.tiny import build_models, sd15_configs
+    from hgdpo.models.tiny import build_models, sd15_configs
     from tests.sd15_factory import save_random_lora, save_single_file
 
     checkpoint, lora = work / CHECKPOINT, work / LORA

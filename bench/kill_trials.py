@@ -4,7 +4,7 @@
     python bench/kill_trials.py --trials 20 --json bench/results/kill-trials-cpu-tiny.json
 
 Not a benchmark of speed and not run by CI (``tests/test_bad_input.py`` runs a two-trial version). On the
-tiny random-weight model (``hgdpo.tiny``), each trial starts a fresh run, kills it with SIGKILL after a
+tiny random-weight model (``hgdpo.models.tiny``), each trial starts a fresh run, kills it with SIGKILL after a
 random moment (after a random number of committed prompts / checkpoints, plus a random 0-2 s: anywhere from
 model loading through encoding, generation, training, checkpointing and the final write),
 and runs the same command again (``--resume latest`` for the trainer). Invariants checked per trial:
@@ -86,7 +86,7 @@ def _temporaries(folder: Path) -> list[str]:
 
 
 def _dataset_rows(folder: Path) -> list[tuple]:
-    from hgdpo.dataset import open_preference_dataset
+    from hgdpo.data.dataset import open_preference_dataset
 
     dataset = open_preference_dataset(folder)
     rows = []
@@ -134,7 +134,7 @@ def builder_trials(work: Path, model: Path, trials: int, rng: random.Random) -> 
 
 
 def trainer_trials(work: Path, model: Path, trials: int, rng: random.Random) -> dict:
-    from hgdpo.demo import write_synthetic_triplets
+    from hgdpo.data.synthetic import write_synthetic_triplets
 
     dataset = write_synthetic_triplets(work / "triplets", num_pairs=8)
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("builder", "trainer"), default=None, help="Run one tool's trials.")
     parser.add_argument("--json", default=None, help="Write the outcomes here.")
     arguments = parser.parse_args(argv)
-    from hgdpo.tiny import build_tiny_model
+    from hgdpo.models.tiny import build_tiny_model
 
     rng = random.Random(arguments.seed)
     report = {}

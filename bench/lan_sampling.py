@@ -9,12 +9,12 @@ each round); a ratio is the median of the per-round ratios. Variants:
 * ``diffusers``   the named baseline: diffusers' ``StableDiffusionPipeline`` with the LoRA loaded by
                   ``load_lora_weights`` and merged by ``fuse_lora(lora_scale=w)``: plain sampling of the
                   DPO model at no LoRA cost per step (on its own copy of the UNet).
-* ``plain``       ``hgdpo.sampling.ImageGenerator`` without LAN (the LoRA added by forward hooks).
+* ``plain``       ``hgdpo.inference.sampling.ImageGenerator`` without LAN (the LoRA added by forward hooks).
 * ``lan_fast``    LAN, shared weights, SFT and DPO halves in one batched UNet forward (per-sample LoRA scale).
 * ``lan_2fwd``    LAN, shared weights, two UNet forwards per step (SFT, then DPO).
 * ``lan_2unet``   LAN with a separate DPO checkpoint (a second copy of the UNet, the LoRA on it).
 
-Best-of-N: ``hgdpo.sampling.best_of_n`` with ``--best-of`` candidates in batches of ``--best-of-batch``,
+Best-of-N: ``hgdpo.inference.sampling.best_of_n`` with ``--best-of`` candidates in batches of ``--best-of-batch``,
 scored by a cheap brightness ``FunctionScorer``, per candidate against ``plain``.
 
 Peak memory: each variant again in a fresh process; on the CPU the resident-set high-water mark after
@@ -45,7 +45,7 @@ from benchlib import BENCH_PROMPTS, cpu_name, interleaved_rounds, median_ratio, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hgdpo.config import DTYPES  # noqa: E402
+from hgdpo.training.config import DTYPES  # noqa: E402
 
 VARIANTS = ("diffusers", "plain", "lan_fast", "lan_2fwd", "lan_2unet")
 
@@ -74,10 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_models(args, variants: tuple[str, ...]):
     """The SFT model, a LoRA file for it, and what each variant needs, built offline with random weights."""
-    from hgdpo.models import load_sd15
-    from hgdpo.sampling import ImageGenerator, make_scheduler
-    from hgdpo.tiny import build_models as build
-    from hgdpo.tiny import save_diffusers_folder, sd15_configs, tiny_sd15_configs
+    from hgdpo.models.loading import load_sd15
+    from hgdpo.inference.sampling import ImageGenerator, make_scheduler
+    from hgdpo.models.tiny import build_models as build
+    from hgdpo.models.tiny import save_diffusers_folder, sd15_configs, tiny_sd15_configs
     from tests.sd15_factory import save_random_lora
 
     configs = sd15_configs() if args.arch == "sd15" else tiny_sd15_configs()
@@ -108,7 +108,7 @@ def build_models(args, variants: tuple[str, ...]):
 
 
 def make_runs(args, built: dict[str, object]) -> dict[str, object]:
-    from hgdpo.sampling import SamplingConfig
+    from hgdpo.inference.sampling import SamplingConfig
 
     prompt, seed = BENCH_PROMPTS[0], 0
     plain = SamplingConfig(steps=args.steps, width=args.resolution, height=args.resolution,
@@ -137,8 +137,8 @@ def brightness(prompts, images):
 
 
 def bench_best_of(args, generator) -> dict:
-    from hgdpo.sampling import SamplingConfig, best_of_n
-    from hgdpo.scorers import FunctionScorer
+    from hgdpo.inference.sampling import SamplingConfig, best_of_n
+    from hgdpo.feedback.scorers import FunctionScorer
 
     config = SamplingConfig(steps=args.steps, width=args.resolution, height=args.resolution,
                             lora_weight=args.lora_weight)

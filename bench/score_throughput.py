@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Scoring throughput of the evaluation metrics (images/s), each against PickScore measured in the same rounds.
 
-A benchmark, not a test. Every metric is the hgdpo scorer users run (:mod:`hgdpo.scorers`,
-:mod:`hgdpo.metrics`), loaded from files written here with random weights of the real architecture
+A benchmark, not a test. Every metric is the hgdpo scorer users run (:mod:`hgdpo.feedback.scorers`,
+:mod:`hgdpo.feedback.metrics`), loaded from files written here with random weights of the real architecture
 (``--arch full``) or a tiny one (``--arch tiny``); nothing is downloaded:
 
 * ``pickscore``   PickScore: transformers CLIP ViT-H/14 (vision 32 x 1280, text 24 x 1024), ~986M parameters;
@@ -42,7 +42,7 @@ from benchlib import BENCH_PROMPTS, cpu_name, interleaved_rounds, median_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hgdpo.config import DTYPES
+from hgdpo.training.config import DTYPES
 
 METRICS = ("pickscore", "hpsv2", "imagereward", "aesthetic", "clip")
 
@@ -73,7 +73,7 @@ BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w for p in 
 
 
 def _random(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    from hgdpo.tiny import randomize_parameters
+    from hgdpo.models.tiny import randomize_parameters
 
     return randomize_parameters(model, torch.Generator().manual_seed(seed)).eval()
 
@@ -89,7 +89,7 @@ def save_random_clip(config: dict, folder: Path, seed: int) -> int:
     """A random transformers CLIPModel and its processor (224 px, the CLIP tokenizer) in ``folder``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from hgdpo.models import clip_tokenizer
+    from hgdpo.models.loading import clip_tokenizer
 
     clip_config = CLIPConfig(text_config=config["text"], vision_config=config["vision"],
                              projection_dim=config["projection_dim"])
@@ -114,8 +114,8 @@ def save_random_hps(config: dict, path: Path, seed: int) -> int:
 
 
 def _reference_vision_key(name: str) -> str:
-    """A ``BlipVisionModel`` key under BLIP's ``vit.py`` name (the inverse of :mod:`hgdpo.metrics`' renaming)."""
-    from hgdpo.metrics import BLIP_LAYER_NAMES, BLIP_VISION_NAMES
+    """A ``BlipVisionModel`` key under BLIP's ``vit.py`` name (the inverse of :mod:`hgdpo.feedback.metrics`' renaming)."""
+    from hgdpo.feedback.metrics import BLIP_LAYER_NAMES, BLIP_VISION_NAMES
 
     if name.startswith("encoder.layers."):
         for old, new in BLIP_LAYER_NAMES:
@@ -128,7 +128,7 @@ def save_random_imagereward(vision_config: dict, text_config: dict, folder: Path
     """Random BLIP towers and MLP written as ``ImageReward.pt`` (BLIP's key names) plus a BERT tokenizer folder."""
     from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-    from hgdpo.metrics import RewardMLP
+    from hgdpo.feedback.metrics import RewardMLP
 
     vision = _random(_empty(lambda: BlipVisionModel(BlipVisionConfig(**vision_config))), seed)
     text = _random(_empty(lambda: BlipTextModel(BlipTextConfig(**text_config, bos_token_id=None, sep_token_id=None,
@@ -148,7 +148,7 @@ def save_random_imagereward(vision_config: dict, text_config: dict, folder: Path
 def build_scorer(metric: str, arch: str, workdir: Path, device: torch.device, dtype: torch.dtype, batch_size: int,
                  seed: int):
     """Write ``metric``'s random weights under ``workdir`` and load them with hgdpo's scorer: (scorer, parameters)."""
-    from hgdpo.metrics import (
+    from hgdpo.feedback.metrics import (
         BLIP_MED_CONFIG,
         BLIP_VIT_LARGE,
         AestheticScorer,
@@ -156,7 +156,7 @@ def build_scorer(metric: str, arch: str, workdir: Path, device: torch.device, dt
         ImageRewardScorer,
         RewardMLP,
     )
-    from hgdpo.scorers import CLIPScoreScorer, PickScoreScorer
+    from hgdpo.feedback.scorers import CLIPScoreScorer, PickScoreScorer
 
     full = arch == "full"
     options = {"device": device, "dtype": dtype, "batch_size": batch_size}

@@ -6,7 +6,7 @@ variants measured in interleaved rounds (A B C, B C A, C A B, ...) after a warm-
 and ratios as medians of the per-round ratios (the variants of a round ran minutes or less apart):
 
 * ``hgdpo``     our trainer's optimizer step: cached latents and text embeddings read from the on-disk
-                cache (``hgdpo.cache``) through the trainer's sampler, ``hgdpo.training.micro_step_loss``
+                cache (``hgdpo.training.latent_cache``) through the trainer's sampler, ``hgdpo.training.loop.micro_step_loss``
                 with ``loss="hgdpo"`` (DPO + statistic matching, lambda_stat 10000), backward, gradient
                 clipping with the trainer's finiteness check, AdamW on the LoRA parameters. The
                 reference is the same UNet with its LoRA disabled.
@@ -32,7 +32,7 @@ Examples::
     python bench/train_throughput.py --arch sd15 --device cuda --resolution 704x1024 --mixed-precision fp16 \\
         --gradient-checkpointing
 
-Models have random weights (``hgdpo.tiny.build_models``): the real SD1.5 architecture with ``--arch sd15``,
+Models have random weights (``hgdpo.models.tiny.build_models``): the real SD1.5 architecture with ``--arch sd15``,
 so timings are those of the real model; nothing is downloaded.
 """
 
@@ -62,7 +62,7 @@ from benchlib import cpu_name, median_ratio, proc_status, synchronize  # noqa: E
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hgdpo.config import DTYPES as _DTYPES  # noqa: E402
+from hgdpo.training.config import DTYPES as _DTYPES  # noqa: E402
 
 VARIANTS = ("hgdpo", "dpo", "diffusers")
 LABELS = {
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from hgdpo.config import parse_resolution
+    from hgdpo.training.config import parse_resolution
 
     args.resolution = args.resolution or ("64" if args.device == "cpu" else "512")
     if args.warmup is None:
@@ -152,7 +152,7 @@ class PreparedUNet(torch.nn.Module):
 
     Under mixed precision the forward runs in ``torch.autocast`` and its output is converted to fp32
     (accelerate's ``convert_outputs_to_fp32``). The UNet is ``.module`` (like DDP), which is where
-    ``hgdpo.training`` looks for it to switch the adapter off.
+    ``hgdpo.training.loop`` looks for it to switch the adapter off.
     """
 
     def __init__(self, unet, device_type: str, mixed_precision: str):
@@ -201,7 +201,7 @@ class Optimizer:
         if self.scaler:
             if finite:
                 self.scaler.step(self.optimizer)
-            # Always update the scaler, so it backs off after an overflow. (hgdpo.training skips
+            # Always update the scaler, so it backs off after an overflow. (hgdpo.training.loop skips
             # optimizer.step() on non-finite gradients; with accelerate's fp16 scaler that also skips
             # scaler.update(), and the next unscale_() then fails. Not reproduced here.)
             self.scaler.update()
@@ -263,10 +263,10 @@ def setup(args, variants) -> Bench:
     """Models, LoRA, the latent cache and the raw batches; then one step function per variant."""
     from diffusers import DDPMScheduler
 
-    from hgdpo.cache import build_cache, finalize_cache, preprocess_image
-    from hgdpo.lora import add_lora, lora_parameters
-    from hgdpo.models import SD15_CONFIG_DIR, clip_tokenizer
-    from hgdpo.tiny import build_models, sd15_configs, tiny_sd15_configs
+    from hgdpo.training.latent_cache import build_cache, finalize_cache, preprocess_image
+    from hgdpo.models.lora import add_lora, lora_parameters
+    from hgdpo.models.loading import SD15_CONFIG_DIR, clip_tokenizer
+    from hgdpo.models.tiny import build_models, sd15_configs, tiny_sd15_configs
 
     device = torch.device(args.device)
     weight_dtype = torch.float32 if args.mixed_precision == "no" else _DTYPES[args.mixed_precision]
@@ -301,7 +301,7 @@ def setup(args, variants) -> Bench:
                         max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         pixel_batches.append((pixels.contiguous(), ids))
 
-    # ---- frozen weights in the weight dtype. hgdpo.training keeps the VAE on the device and moves the
+    # ---- frozen weights in the weight dtype. hgdpo.training.loop keeps the VAE on the device and moves the
     # text encoder to the CPU; diffusers' script keeps both on the device.
     vae.to(device, dtype=weight_dtype)
     needs_text_encoder = "diffusers" in variants
@@ -339,16 +339,16 @@ def setup(args, variants) -> Bench:
 
 
 def ours_step(bench: Bench, variant: str):
-    """One optimizer step of ``hgdpo.training.train``, with its own model calls (``micro_step_loss``)."""
-    from hgdpo.config import TrainConfig
-    from hgdpo.training import ResumableBatchSampler, StepInputs, micro_step_loss
+    """One optimizer step of ``hgdpo.training.loop.train``, with its own model calls (``micro_step_loss``)."""
+    from hgdpo.training.config import TrainConfig
+    from hgdpo.training.loop import ResumableBatchSampler, StepInputs, micro_step_loss
 
     args, device, weight_dtype = bench.args, bench.device, bench.weight_dtype
     config = TrainConfig(loss=variant, beta=args.beta, lambda_stat=args.lambda_stat if variant == "hgdpo" else 0.0)
     optimizer = bench.optimizers[variant] = Optimizer(bench.lora, args, device, config.learning_rate)
     sampler = ResumableBatchSampler(len(bench.encoded), args.batch_size, args.seed, rank=0, world_size=1, start=0)
 
-    def collate(items):  # hgdpo.training's collate: stack each tensor of the items
+    def collate(items):  # hgdpo.training.loop's collate: stack each tensor of the items
         return {name: torch.stack([item[name] for item in items]) for name in items[0]}
 
     batches = iter(torch.utils.data.DataLoader(bench.encoded, batch_sampler=sampler, collate_fn=collate))
@@ -492,7 +492,7 @@ def measure_stat_term(bench: Bench, repeats: int = 40) -> dict:
     noisy than the difference of two whole training steps, which is what makes a 2 % goal checkable on a busy
     machine.
     """
-    from hgdpo.losses import hgdpo_loss
+    from hgdpo.training.losses import hgdpo_loss
 
     args, device = bench.args, bench.device
     pairs = args.batch_size

@@ -76,7 +76,7 @@ def write_lora(folder: Path) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from hgdpo.tiny import sd15_configs
+    from hgdpo.models.tiny import sd15_configs
     from tests.sd15_factory import save_random_lora
 
     with torch.device("meta"):

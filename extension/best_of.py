@@ -2,7 +2,7 @@
 
 The WebUI generates each output image's N candidates in one batch (the batch size is multiplied by N,
 so candidate k of image j is row ``j * N + k`` and has seed ``seed + j * N + k``); every group of N rows
-is ranked by :func:`hgdpo.selection.rank_candidates` with the scorer, and the best row is kept (or all
+is ranked by :func:`hgdpo.data.selection.rank_candidates` with the scorer, and the best row is kept (or all
 rows, best first, when the user asks to see the candidates).
 
 PickScore's files live in one folder (default ``models/pickscore`` of the WebUI)::
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hgdpo.scorers import DEFAULT_PICKSCORE_MODEL, DEFAULT_PICKSCORE_PROCESSOR, ScorerWeightsError
-from hgdpo.selection import rank_candidates
+from hgdpo.feedback.scorers import DEFAULT_PICKSCORE_MODEL, DEFAULT_PICKSCORE_PROCESSOR, ScorerWeightsError
+from hgdpo.data.selection import rank_candidates
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from hgdpo.scorers import Scorer
+    from hgdpo.feedback.scorers import Scorer
 
 MODEL_FOLDER = DEFAULT_PICKSCORE_MODEL.split("/")[-1]  # PickScore_v1
 PROCESSOR_FOLDER = DEFAULT_PICKSCORE_PROCESSOR.split("/")[-1]  # CLIP-ViT-H-14-laion2B-s32B-b79K
@@ -107,7 +107,7 @@ def cached_scorer(root: str | Path, device: str, dtype, loader: Callable[..., Sc
     with _scorer_lock:
         if key not in _scorers:
             if loader is None:
-                from hgdpo.scorers import load_scorer as loader
+                from hgdpo.feedback.scorers import load_scorer as loader
             _scorers.clear()
             _scorers[key] = loader("pickscore", model=str(model), processor=str(processor), device=device, dtype=dtype)
         return _scorers[key]

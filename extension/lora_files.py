@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from hgdpo.lora_runtime import LoRAArchitectureError, LoRAFile, read_lora
+from hgdpo.models.lora_runtime import LoRAArchitectureError, LoRAFile, read_lora
 
 SUFFIX = ".safetensors"
 HASH_LENGTH = 12
@@ -112,7 +112,7 @@ def resolve(name: str, folder: str | Path, lora_hash: str | None = None) -> LoRA
 
 
 def _read_checked(path: Path) -> LoRAFile:
-    """The file read by :func:`hgdpo.lora_runtime.read_lora`, refused when it holds no UNet weights."""
+    """The file read by :func:`hgdpo.models.lora_runtime.read_lora`, refused when it holds no UNet weights."""
     lora = read_lora(path)
     if not lora.unet:
         raise LoRAArchitectureError(
@@ -123,7 +123,7 @@ def _read_checked(path: Path) -> LoRAFile:
 
 
 def load(path: str | Path) -> LoRAFile:
-    """The LoRA read by :func:`hgdpo.lora_runtime.read_lora`, cached while the file is unchanged.
+    """The LoRA read by :func:`hgdpo.models.lora_runtime.read_lora`, cached while the file is unchanged.
 
     Raises ``LoRAArchitectureError`` (SDXL, SD2, LyCORIS, ...) or ``ValueError`` with the file named.
     """

@@ -1,7 +1,7 @@
 """A functional LoRA that follows its model across devices and dtypes, on any frontend's layers.
 Framework-free (torch only).
 
-:class:`hgdpo.lora_runtime.FunctionalLoRA` puts the LoRA weights on the device and dtype of each layer
+:class:`hgdpo.models.lora_runtime.FunctionalLoRA` puts the LoRA weights on the device and dtype of each layer
 when it is attached, and knows ``nn.Linear``/``nn.Conv2d`` layers. The WebUIs differ on both counts:
 
 * they move models at run time (A1111's ``--medvram``/``--lowvram`` move the UNet to the GPU in forward
@@ -22,8 +22,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from hgdpo.ldm_names import layers
-from hgdpo.lora_runtime import FunctionalLoRA, LoRAModule
+from hgdpo.models.ldm_names import layers
+from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAModule
 
 _UNSUPPORTED_DTYPES = {
     getattr(torch, name)

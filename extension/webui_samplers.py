@@ -7,7 +7,7 @@ txt2img/img2img/hires dropdowns, ``/sdapi/v1/samplers``, the X/Y/Z "Sampler" axi
 of the API and of pasted infotexts.
 
 Sampling (:class:`LANSampler`, a ``KDiffusionSampler``): the k-diffusion function runs on the lockstep
-batch ``[x; x]`` (:mod:`hgdpo.lockstep`, :mod:`extension.lockstep`), the SFT and the DPO chain from the
+batch ``[x; x]`` (:mod:`hgdpo.inference.lockstep`, :mod:`extension.lockstep`), the SFT and the DPO chain from the
 same noise. :class:`LANDenoiser`, a ``CFGDenoiserKDiffusion``, gets that batch once per step, renormalises
 the DPO half in place (LAN) and runs the WebUI's own ``CFGDenoiser.forward`` once, as if on 2B images
 with the conditionings given to both halves: CFG's conditional and unconditional chunks each stack both
@@ -32,9 +32,9 @@ import k_diffusion.sampling
 import torch
 from modules import prompt_parser, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, shared
 
-from hgdpo.ldm_names import ldm_unet_kohya_names
-from hgdpo.lockstep import row_scales
-from hgdpo.lora_runtime import LoRAArchitectureError, LoRAFile
+from hgdpo.models.ldm_names import ldm_unet_kohya_names
+from hgdpo.inference.lockstep import row_scales
+from hgdpo.models.lora_runtime import LoRAArchitectureError, LoRAFile
 
 from . import lockstep, lora_files
 from . import settings as hs
@@ -191,7 +191,7 @@ class LANDenoiser(sd_samplers_kdiffusion.CFGDenoiserKDiffusion):
     Fast path: the WebUI's ``CFGDenoiser.forward`` runs once on the lockstep batch as if it held 2B images
     (the conditionings given to both halves), so each step is one UNet call on ``[SFT; DPO]`` rows (CFG's
     conditional and unconditional chunks each stack both chains) with the LoRA's scale set per row by a
-    UNet pre-hook: 0 on SFT rows, the weight on DPO rows (:func:`hgdpo.lockstep.row_scales`). Prompts
+    UNet pre-hook: 0 on SFT rows, the weight on DPO rows (:func:`hgdpo.inference.lockstep.row_scales`). Prompts
     composed with AND repeat rows per image, so that layout is left to the second path: two calls, the SFT
     half with the scale at 0, then the DPO half at the weight.
     """

@@ -21,7 +21,7 @@ import torch
 from modules import devices, script_callbacks, scripts, shared
 from PIL import Image
 
-from hgdpo.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY
+from hgdpo.inference.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY
 
 from . import best_of, lora_files, webui_samplers
 from . import settings as hs

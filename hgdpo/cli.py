@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from hgdpo.config import DTYPES
+from hgdpo.training.config import DTYPES
 
 QUIET_LOGGERS = ("diffusers", "transformers", "PIL", "urllib3", "httpx")
 
@@ -40,7 +40,7 @@ def add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
 
 def scorer_from_arguments(arguments: argparse.Namespace, device: torch.device | str):
     """The scorer the options name (loaded lazily: the scorer stack is heavy)."""
-    from hgdpo.scorers import load_scorer
+    from hgdpo.feedback.scorers import load_scorer
 
     options = {"processor": arguments.scorer_processor} if arguments.scorer_processor else {}
     return load_scorer(arguments.scorer, model=arguments.scorer_model, device=device, **options)

@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from hgdpo.models import ModelFamilyError
+from hgdpo.models.loading import ModelFamilyError
 
 
 class TrainingError(RuntimeError):

@@ -4,8 +4,8 @@
 * :mod:`.nodes_lan` -- ``LAN Guider`` (for ``SamplerCustomAdvanced``) and ``LAN KSampler``.
 * :mod:`.nodes_pickscore` -- ``PickScore Loader`` and ``PickScore Best-of-N``.
 
-The nodes are thin: the maths lives in the ``hgdpo`` library next to this folder (:mod:`hgdpo.lan`,
-:mod:`hgdpo.lockstep`, :mod:`hgdpo.lora_runtime`, :mod:`hgdpo.scorers`, :mod:`hgdpo.selection`), the
+The nodes are thin: the maths lives in the ``hgdpo`` library next to this folder (:mod:`hgdpo.inference.lan`,
+:mod:`hgdpo.inference.lockstep`, :mod:`hgdpo.models.lora_runtime`, :mod:`hgdpo.feedback.scorers`, :mod:`hgdpo.data.selection`), the
 ComfyUI-specific sampling glue in :mod:`.lan_guider`, and every ComfyUI internal any of them touches in
 :mod:`.comfy_internals` (with the versions it was checked on). Nothing heavy is imported until ComfyUI asks for the
 node list, and each node imports what it needs when it runs.

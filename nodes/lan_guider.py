@@ -3,7 +3,7 @@
 :class:`LANGuider` is a ``comfy.samplers.CFGGuider``, so ``SamplerCustomAdvanced`` and the LAN KSampler
 drive it like any guider (previews, progress bar, interrupt, img2img, masks). Its ``sample``
 
-1. doubles noise and latent into the lockstep batch ``[sft; dpo]`` (:mod:`hgdpo.lockstep`),
+1. doubles noise and latent into the lockstep batch ``[sft; dpo]`` (:mod:`hgdpo.inference.lockstep`),
 2. runs the given SAMPLER on it, wrapped by :func:`lockstep_sampler`: the sampler's history is then
    per row (per chain), its noise sampler draws for one chain and repeats the draw, and its denoiser
    renormalises the DPO half in place before every evaluation (LAN after every step) and once at the end,
@@ -12,7 +12,7 @@ drive it like any guider (previews, progress bar, interrupt, img2img, masks). It
 
    * **shared weights** (the DPO model is the SFT model plus weight patches, e.g. ``HG-DPO LoRA`` on the
      same checkpoint loader): ComfyUI loads only the SFT variant; the LoRA patches the DPO adds are
-     applied functionally (:class:`hgdpo.lora_runtime.FunctionalLoRA` forward hooks) with a per-row
+     applied functionally (:class:`hgdpo.models.lora_runtime.FunctionalLoRA` forward hooks) with a per-row
      scale, 0 on SFT rows and 1 on DPO rows: one batched forward, one copy of the weights, no
      re-patching;
    * **two checkpoints**: both models are loaded together (the DPO one as an additional model of the
@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from hgdpo import lockstep
-from hgdpo.lora_runtime import FunctionalLoRA, LoRAModule
+from hgdpo.inference import lockstep
+from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAModule
 
 from . import comfy_internals as comfy
 

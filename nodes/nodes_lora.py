@@ -2,7 +2,7 @@
 
 It is ComfyUI's own LoRA loading (``comfy.sd.load_lora_for_models``: weight patches on a clone of the
 ModelPatcher), so it composes with other LoRA nodes, hooks and samplers. Before patching it checks the file
-with :func:`hgdpo.lora_runtime.lora_from_state_dict` (a LoRA for SDXL, SD2, a DiT... is refused with the
+with :func:`hgdpo.models.lora_runtime.lora_from_state_dict` (a LoRA for SDXL, SD2, a DiT... is refused with the
 architecture it names) and against the model (every UNet module must map onto it), so a wrong file gives
 a clear error instead of ComfyUI's "lora key not loaded" lines.
 """
@@ -63,7 +63,7 @@ class HGDPOLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength, clip=None) -> io.NodeOutput:
-        from hgdpo.lora_runtime import TEXT_ENCODER_PREFIX, UNET_PREFIX, lora_from_state_dict
+        from hgdpo.models.lora_runtime import TEXT_ENCODER_PREFIX, UNET_PREFIX, lora_from_state_dict
 
         require("LoRA")
         path = folder_paths.get_full_path_or_raise("loras", lora_name)

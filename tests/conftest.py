@@ -44,7 +44,7 @@ def tiny_single_file(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_components(tiny_model_dir):
     """The tiny model loaded once (SD15Components)."""
-    from hgdpo.models import load_sd15
+    from hgdpo.models.loading import load_sd15
 
     return load_sd15(tiny_model_dir)
 
@@ -72,7 +72,7 @@ def tiny_clip_dirs(tmp_path_factory):
 
 
 def write_triplets(directory, num_pairs: int = 8):
-    from hgdpo.demo import write_synthetic_triplets
+    from hgdpo.data.synthetic import write_synthetic_triplets
 
     return write_synthetic_triplets(directory, num_pairs=num_pairs)
 

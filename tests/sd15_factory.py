@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hgdpo.tiny import (  # noqa: F401  (re-exported for the tests)
+from hgdpo.models.tiny import (  # noqa: F401  (re-exported for the tests)
     build_models,
     randomize_parameters,
     save_diffusers_folder,
@@ -326,8 +326,8 @@ def save_random_lora(unet: nn.Module, path: str | Path, *, rank: int = 8, std: f
                      text_encoder: nn.Module | None = None) -> Path:
     """A random kohya LoRA shaped for ``unet`` (and optionally the text encoder's q/k/v/out projections),
     written by hgdpo's own writer, so it has an effect (the trainer's initial up weights are zero)."""
-    from hgdpo.lora import kohya_metadata, save_kohya_lora
-    from hgdpo.lora_runtime import TEXT_ENCODER_PREFIX
+    from hgdpo.models.lora import kohya_metadata, save_kohya_lora
+    from hgdpo.models.lora_runtime import TEXT_ENCODER_PREFIX
 
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hgdpo.checkpoint import CheckpointManager, TrainingState
+from hgdpo.training.checkpoint import CheckpointManager, TrainingState
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -65,7 +65,7 @@ class FlatForSomeScorer(WarmthScorer):
 
 
 def _config(tmp_dir: Path, model, prompts_file, **overrides):
-    from hgdpo.builder import BuildConfig
+    from hgdpo.data.builder import BuildConfig
 
     options = dict(model=str(model), prompts=str(prompts_file), output_dir=str(tmp_dir), pool_size=4, steps=2,
                    resolution="64", batch_size=3, seed=7)
@@ -80,7 +80,7 @@ def _write_prompts(path: Path, prompts) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model_dir, tiny_components):
-    from hgdpo.builder import build_dataset
+    from hgdpo.data.builder import build_dataset
 
     root = tmp_path_factory.mktemp("build")
     config = _config(root / "out", tiny_model_dir, _write_prompts(root / "prompts.txt", PROMPTS))
@@ -92,7 +92,7 @@ def built(tmp_path_factory, tiny_model_dir, tiny_components):
 
 
 def test_read_prompts_txt_tsv_jsonl(tmp_path):
-    from hgdpo.prompts import read_prompts
+    from hgdpo.data.prompts import read_prompts
 
     txt = tmp_path / "p.txt"
     txt.write_text("  a cat \n\n a dog\na cat\n   \nbird\n", encoding="utf-8")
@@ -127,7 +127,7 @@ def test_read_prompts_txt_tsv_jsonl(tmp_path):
 
 
 def test_read_prompts_rejects_non_utf8_with_offset(tmp_path):
-    from hgdpo.prompts import read_prompts
+    from hgdpo.data.prompts import read_prompts
 
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("a café\n".encode("latin-1"))
@@ -143,7 +143,7 @@ def test_read_prompts_rejects_non_utf8_with_offset(tmp_path):
 
 
 def test_select_pair_winner_loser_rank_and_min_gap():
-    from hgdpo.builder import select_pair
+    from hgdpo.data.builder import select_pair
 
     scores = [0.3, 0.9, 0.1, 0.5, 0.2]
     pick = select_pair(scores)
@@ -163,7 +163,7 @@ def test_select_pair_winner_loser_rank_and_min_gap():
 
 
 def test_keeper_holds_what_selection_needs():
-    from hgdpo.builder import _Keeper, select_pair
+    from hgdpo.data.builder import _Keeper, select_pair
 
     rng = random.Random(0)
     for _ in range(200):
@@ -180,7 +180,7 @@ def test_keeper_holds_what_selection_needs():
 
 
 def test_derive_seed_is_deterministic_distinct_and_int64():
-    from hgdpo.builder import derive_seed
+    from hgdpo.data.builder import derive_seed
 
     seeds = {derive_seed(0, i, j) for i in range(50) for j in range(20)}
     assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
@@ -191,7 +191,7 @@ def test_derive_seed_is_deterministic_distinct_and_int64():
 
 
 def test_build_writes_triplets_with_scores_and_seeds(built):
-    from hgdpo.dataset import open_preference_dataset
+    from hgdpo.data.dataset import open_preference_dataset
 
     config, result = built
     out = Path(config.output_dir)
@@ -219,7 +219,7 @@ def test_build_writes_triplets_with_scores_and_seeds(built):
 
 
 def test_one_image_regenerates_from_its_recorded_seed_alone(built, tiny_components):
-    from hgdpo.builder import PoolGenerator
+    from hgdpo.data.builder import PoolGenerator
 
     config, _ = built
     out = Path(config.output_dir)
@@ -232,7 +232,7 @@ def test_one_image_regenerates_from_its_recorded_seed_alone(built, tiny_componen
 
 
 def test_crash_and_resume_gives_the_same_dataset(tmp_path, built, tiny_components, tiny_model_dir):
-    from hgdpo.builder import build_dataset
+    from hgdpo.data.builder import build_dataset
 
     config, _ = built
     prompts = _write_prompts(tmp_path / "prompts.txt", PROMPTS)
@@ -254,7 +254,7 @@ def test_crash_and_resume_gives_the_same_dataset(tmp_path, built, tiny_component
 def test_changed_settings_and_corrupt_records_are_refused(tmp_path, built, tiny_components):
     from dataclasses import replace
 
-    from hgdpo.builder import build_dataset
+    from hgdpo.data.builder import build_dataset
 
     config, _ = built
     with pytest.raises(ValueError, match=r"different settings.*steps: 2 -> 3.*seed: 7 -> 8"):
@@ -280,8 +280,8 @@ def test_changed_settings_and_corrupt_records_are_refused(tmp_path, built, tiny_
 
 
 def test_keep_pool_loser_rank_and_min_gap_skip(tmp_path, tiny_components, tiny_model_dir):
-    from hgdpo.builder import build_dataset
-    from hgdpo.dataset import open_preference_dataset
+    from hgdpo.data.builder import build_dataset
+    from hgdpo.data.dataset import open_preference_dataset
 
     prompts = _write_prompts(tmp_path / "prompts.txt", ["a warm portrait", "a flat portrait", "a man"])
     config = _config(tmp_path / "out", tiny_model_dir, prompts, keep_pool=True, loser_rank=2, min_score_gap=1e-6,
@@ -314,8 +314,8 @@ def _records(out: Path) -> int:
 
 
 def test_cli_killed_repeatedly_resumes_to_complete_dataset_and_exports(tmp_path, tiny_single_file, tiny_model_dir):
-    pytest.importorskip("hgdpo.scorers")
-    from hgdpo.dataset import open_preference_dataset
+    pytest.importorskip("hgdpo.feedback.scorers")
+    from hgdpo.data.dataset import open_preference_dataset
 
     prompts = [f"a photo of person number {k}" for k in range(10)]
     prompt_file = _write_prompts(tmp_path / "prompts.txt", prompts)
@@ -385,9 +385,9 @@ def test_cli_help_documents_defaults_and_bad_input_fails_in_one_line(tmp_path):
 
 def test_two_processes_split_the_prompts_and_the_main_one_merges(tmp_path, tiny_model_dir):
     """torchrun with 2 CPU processes (gloo), as `accelerate launch` runs several GPUs."""
-    pytest.importorskip("hgdpo.scorers")
-    from hgdpo.builder import derive_seed
-    from hgdpo.dataset import open_preference_dataset
+    pytest.importorskip("hgdpo.feedback.scorers")
+    from hgdpo.data.builder import derive_seed
+    from hgdpo.data.dataset import open_preference_dataset
 
     prompts = [f"prompt {k}" for k in range(5)]
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from hgdpo.checkpoint import CheckpointManager, TrainingState
+from hgdpo.training.checkpoint import CheckpointManager, TrainingState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import resource, signal, sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from hgdpo.checkpoint import CheckpointManager, TrainingState
+        from hgdpo.training.checkpoint import CheckpointManager, TrainingState
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get an OSError instead of being killed
         manager = CheckpointManager({str(tmp_path)!r})
         assert manager.save(TrainingState(step=1, batches_seen=1), {{"w": torch.ones(10)}}, {{}})

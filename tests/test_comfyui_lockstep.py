@@ -1,12 +1,12 @@
-"""The framework-free lockstep pieces behind the ComfyUI LAN sampler (:mod:`hgdpo.lockstep`); no ComfyUI needed."""
+"""The framework-free lockstep pieces behind the ComfyUI LAN sampler (:mod:`hgdpo.inference.lockstep`); no ComfyUI needed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hgdpo import lockstep
-from hgdpo.lan import latent_adaptive_normalization
+from hgdpo.inference import lockstep
+from hgdpo.inference.lan import latent_adaptive_normalization
 
 
 def euler(model, x, sigmas, noise_sampler=None):

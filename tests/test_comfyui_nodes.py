@@ -140,7 +140,7 @@ def test_checkpoint_has_no_nan_and_comfyui_loads_its_text_encoder(comfy):
 
 
 def test_lora_node_patches_every_module_through_comfyui(comfy, caplog):
-    from hgdpo.lora_runtime import read_lora
+    from hgdpo.models.lora_runtime import read_lora
 
     modules = read_lora(comfy.lora).unet
     with caplog.at_level(logging.WARNING):
@@ -157,7 +157,7 @@ def test_lora_node_patches_every_module_through_comfyui(comfy, caplog):
 
 
 def test_lora_node_refuses_loras_of_other_architectures(comfy):
-    from hgdpo.lora_runtime import LoRAArchitectureError
+    from hgdpo.models.lora_runtime import LoRAArchitectureError
 
     loader = comfy.node["HGDPOLoraLoader"]
     with pytest.raises(LoRAArchitectureError, match="SDXL"):
@@ -405,7 +405,7 @@ def images(count=4, size=48):
 def test_pickscore_best_of_n_ranks_by_the_reference_scores(comfy):
     from PIL import Image
 
-    from hgdpo.scorers import PickScoreScorer
+    from hgdpo.feedback.scorers import PickScoreScorer
 
     loader = comfy.node["HGDPOPickScoreLoader"]
     options = loader.GET_NODE_INFO_V1()["input"]["required"]["model"][1]["options"]
@@ -434,7 +434,7 @@ def test_missing_pickscore_weights_name_the_folder_and_the_download_command(comf
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loader = comfy.node["HGDPOPickScoreLoader"]
     folder = str(comfy.base / "models" / "pickscore")
-    from hgdpo.scorers import ScorerWeightsError
+    from hgdpo.feedback.scorers import ScorerWeightsError
 
     with pytest.raises(ScorerWeightsError) as raised:
         loader.execute(model="yuvalkirstain/PickScore_v1", processor="laion/not-downloaded-processor",

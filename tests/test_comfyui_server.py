@@ -103,7 +103,7 @@ def load_latent(path: Path) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_clip_dirs):
-    from hgdpo.tiny import sd15_configs
+    from hgdpo.models.tiny import sd15_configs
 
     path, python = support.comfy_dir(), support.comfy_python()
     assets = tmp_path_factory.mktemp("comfy-e2e-assets")

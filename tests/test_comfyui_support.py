@@ -69,7 +69,7 @@ def comfy_version(path: Path) -> str:
 def slim_sd15_configs() -> dict:
     """SD1.5 that ComfyUI detects as SD15 (320 channels, 768-wide cross-attention, the full CLIP-L and VAE),
     with a two-level UNet of one layer per block: the node tests' fast stand-in for the full architecture."""
-    from hgdpo.tiny import sd15_configs
+    from hgdpo.models.tiny import sd15_configs
 
     configs = sd15_configs()
     configs["unet"].update(block_out_channels=[320, 640], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -80,7 +80,7 @@ def slim_sd15_configs() -> dict:
 def write_checkpoint(folder: Path, configs: dict, seed: int = 0, lora_std: float = 0.05) -> tuple[Path, Path]:
     """A random-weight single-file checkpoint (fp16, LDM keys) and an HG-DPO LoRA for it (written by hgdpo's
     kohya writer, with random up weights so that it has an effect)."""
-    from hgdpo.tiny import build_models
+    from hgdpo.models.tiny import build_models
     from tests.sd15_factory import save_random_lora, save_single_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def save_slim_sd2_unet(path: Path) -> Path:
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from hgdpo.tiny import randomize_parameters
+    from hgdpo.models.tiny import randomize_parameters
     from tests.sd15_factory import unet_to_ldm
 
     config = {key: value for key, value in slim_sd15_configs()["unet"].items() if not key.startswith("_")}

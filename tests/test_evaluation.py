@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from hgdpo.colorshift import colour_shift, images_mean_hsv, mean_hsv, percent_change, rgb_to_hsv
-from hgdpo.evaluation import ImageCache, MetricSpec, ModelSpec, generate_missing, metric_result, model_digest
-from hgdpo.sampling import SamplingConfig
-from hgdpo.winrate import win_rate
+from hgdpo.evaluation.colorshift import colour_shift, images_mean_hsv, mean_hsv, percent_change, rgb_to_hsv
+from hgdpo.evaluation.evaluate import ImageCache, MetricSpec, ModelSpec, generate_missing, metric_result, model_digest
+from hgdpo.inference.sampling import SamplingConfig
+from hgdpo.evaluation.winrate import win_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_colour_shift_is_the_percentage_change_against_the_baseline():
 
 
 def test_image_cache_round_trip_and_model_digest(tmp_path, tiny_model_dir, tiny_lora):
-    from hgdpo.infotext import PARAMETERS_KEY, parse_parameters
+    from hgdpo.inference.infotext import PARAMETERS_KEY, parse_parameters
 
     cache = ImageCache(tmp_path, "abc")
     image = solid((10, 200, 30), (16, 16))
@@ -104,7 +104,7 @@ def test_image_cache_round_trip_and_model_digest(tmp_path, tiny_model_dir, tiny_
 
 
 def test_generate_missing_resumes_and_loads_the_model_only_when_needed(tmp_path, tiny_components):
-    from hgdpo.sampling import ImageGenerator
+    from hgdpo.inference.sampling import ImageGenerator
 
     loads = []
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hgdpo.config import TrainConfig
-from hgdpo.infotext import parse_parameters, read_png_parameters
-from hgdpo.tiny import build_models, sd15_configs
-from hgdpo.training import train
+from hgdpo.training.config import TrainConfig
+from hgdpo.inference.infotext import parse_parameters, read_png_parameters
+from hgdpo.models.tiny import build_models, sd15_configs
+from hgdpo.training.loop import train
 from tests.sd15_factory import save_random_lora, save_single_file
 from tests.test_sampling import run_sample
 

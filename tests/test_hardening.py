@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from hgdpo import dataset as dataset_module
-from hgdpo.cache import _chunk_is_sound, _open_chunk, _write_chunk, cache_entries, prune_cache
-from hgdpo.checkpoint import CheckpointManager, TrainingState
-from hgdpo.dataset import CorruptImageError, open_preference_dataset, resolve_dataset_path, write_triplet_index
+from hgdpo.data import dataset as dataset_module
+from hgdpo.training.latent_cache import _chunk_is_sound, _open_chunk, _write_chunk, cache_entries, prune_cache
+from hgdpo.training.checkpoint import CheckpointManager, TrainingState
+from hgdpo.data.dataset import CorruptImageError, open_preference_dataset, resolve_dataset_path, write_triplet_index
 from hgdpo.errors import TrainingError
 from hgdpo.fileio import TEMP_PATTERN, atomic_path, atomic_write_text, remove_stale_temporaries
 
@@ -247,7 +247,7 @@ def test_a_full_disk_while_encoding_is_one_clear_error_and_leaves_nothing(tmp_pa
     script = textwrap.dedent(f"""
         import resource, signal, sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from hgdpo.cache import _write_chunk
+        from hgdpo.training.latent_cache import _write_chunk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
         _write_chunk(__import__("pathlib").Path({str(tmp_path)!r}) / "chunk-000000.safetensors",
@@ -298,9 +298,9 @@ def test_cache_cli_reports_and_prunes(tmp_path):
 
 
 def test_pickscore_uses_the_model_folders_own_processor_offline(tiny_clip_dirs, caplog):
-    from hgdpo.scorers import PickScoreScorer, ScorerWeightsError
+    from hgdpo.feedback.scorers import PickScoreScorer, ScorerWeightsError
 
-    with caplog.at_level(logging.INFO, logger="hgdpo.scorers"):
+    with caplog.at_level(logging.INFO, logger="hgdpo.feedback.scorers"):
         scorer = PickScoreScorer(model=tiny_clip_dirs["combined"])
     assert f"the files in the model folder {tiny_clip_dirs['combined']}" in caplog.text
     image = Image.new("RGB", (32, 32), (255, 0, 0))

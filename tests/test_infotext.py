@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from hgdpo.infotext import format_parameters, parse_parameters, read_png_parameters, save_png
+from hgdpo.inference.infotext import format_parameters, parse_parameters, read_png_parameters, save_png
 
 
 def test_round_trip_with_commas_colons_quotes_and_multiline_prompts():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hgdpo.lan import channel_statistics, latent_adaptive_normalization, normalize_stacked
+from hgdpo.inference.lan import channel_statistics, latent_adaptive_normalization, normalize_stacked
 
 
 def latents(seed: int, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hgdpo.lora_runtime import (
+from hgdpo.models.lora_runtime import (
     FunctionalLoRA,
     LoRAArchitectureError,
     attach_lora,

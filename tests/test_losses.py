@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from hgdpo.models import SD15_CONFIG_DIR
-from hgdpo.losses import (
+from hgdpo.models.loading import SD15_CONFIG_DIR
+from hgdpo.training.losses import (
     ddpm_previous_sample,
     diffusion_dpo_loss,
     hgdpo_loss,

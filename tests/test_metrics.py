@@ -2,7 +2,7 @@
 
 Each checkpoint is written in its reference layout (HPS: ``{"state_dict": ...}`` of an open_clip CLIP;
 aesthetic: the ``layers.N`` keys of the reference ``nn.Sequential``; ImageReward: BLIP's
-``blip.visual_encoder.*`` / ``blip.text_encoder.*`` / ``mlp.layers.*``), loaded by :mod:`hgdpo.metrics`
+``blip.visual_encoder.*`` / ``blip.text_encoder.*`` / ``mlp.layers.*``), loaded by :mod:`hgdpo.feedback.metrics`
 like the real file, and every score is checked against the reference formula computed here by hand:
 the preprocessing written out as the reference code composes it, and for ImageReward the BLIP ViT and the
 BERT cross-attention encoder written out in plain torch.
@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional
 from torchvision import transforms
 
-from hgdpo.metrics import (
+from hgdpo.feedback.metrics import (
     AESTHETIC_FILES,
     IMAGEREWARD_MEAN,
     IMAGEREWARD_STD,
@@ -29,7 +29,7 @@ from hgdpo.metrics import (
     ImageRewardScorer,
     RewardMLP,
 )
-from hgdpo.scorers import Scorer, ScorerWeightsError, load_scorer
+from hgdpo.feedback.scorers import Scorer, ScorerWeightsError, load_scorer
 from tests.test_scorers import make_images
 from tests.tiny_clip import build_tiny_clip, build_tiny_processor
 
@@ -100,7 +100,7 @@ def test_hps_matches_the_reference_formula(hps_checkpoint):
 
 
 def test_hps_preprocess_pads_the_short_side_centred():
-    from hgdpo.metrics import hps_preprocess
+    from hgdpo.feedback.metrics import hps_preprocess
 
     white = Image.new("RGB", (100, 50), (255, 255, 255))
     pixels = hps_preprocess(white, 56)

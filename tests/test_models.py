@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from hgdpo.models import ModelFamilyError, clip_tokenizer, load_sd15
+from hgdpo.models.loading import ModelFamilyError, clip_tokenizer, load_sd15
 from tests import sd15_factory
 
 

@@ -1,4 +1,4 @@
-"""The dataset report (hgdpo.report): statistics by hand, and end to end on a tiny built dataset."""
+"""The dataset report (hgdpo.evaluation.dataset_report): statistics by hand, and end to end on a tiny built dataset."""
 
 import json
 import os
@@ -22,7 +22,7 @@ PROMPTS = ["a portrait of a woman <script>alert(1)</script>", "a man riding a bi
 
 
 def test_score_gap_stats_match_numpy():
-    from hgdpo.report import score_gap_stats
+    from hgdpo.evaluation.dataset_report import score_gap_stats
 
     gaps = np.array([0.5, 2.0, -1.0, 3.5, 0.0, 1.25, 7.0])
     stats = score_gap_stats(gaps)
@@ -42,7 +42,7 @@ def test_score_gap_stats_match_numpy():
 
 
 def test_channel_stats_and_distance_on_hand_made_latents():
-    from hgdpo.report import channel_stats, rank_distance_curve, stat_distance
+    from hgdpo.evaluation.dataset_report import channel_stats, rank_distance_curve, stat_distance
 
     rng = np.random.default_rng(0)
     base = rng.normal(size=(1, 4, 8, 8))
@@ -77,7 +77,7 @@ def test_channel_stats_and_distance_on_hand_made_latents():
 
 
 def test_render_contact_sheet_grid():
-    from hgdpo.report import ContactRow, render_contact_sheet
+    from hgdpo.evaluation.dataset_report import ContactRow, render_contact_sheet
 
     rows = [ContactRow("p" * 300, Image.new("RGB", (64, 32), "red"), Image.new("RGB", (16, 16), "blue"), 1.5, None)
             for _ in range(3)]
@@ -93,7 +93,7 @@ def test_render_contact_sheet_grid():
 
 @pytest.fixture(scope="module")
 def pooled_dataset(tmp_path_factory, tiny_model_dir, tiny_components):
-    from hgdpo.builder import build_dataset
+    from hgdpo.data.builder import build_dataset
 
     root = tmp_path_factory.mktemp("report-build")
     config = _config(root / "out", tiny_model_dir, _write_prompts(root / "prompts.txt", PROMPTS), keep_pool=True,
@@ -103,8 +103,8 @@ def pooled_dataset(tmp_path_factory, tiny_model_dir, tiny_components):
 
 
 def test_write_report_end_to_end(pooled_dataset, tiny_components, tmp_path):
-    from hgdpo.dataset import open_preference_dataset
-    from hgdpo.report import write_report
+    from hgdpo.data.dataset import open_preference_dataset
+    from hgdpo.evaluation.dataset_report import write_report
 
     out = tmp_path / "report"
     report = write_report(pooled_dataset, out, components=tiny_components, max_pairs=2, batch_size=3)
@@ -148,7 +148,7 @@ def test_write_report_end_to_end(pooled_dataset, tiny_components, tmp_path):
 
 
 def test_report_without_model_and_without_pools(tmp_path, triplet_dataset):
-    from hgdpo.report import write_report
+    from hgdpo.evaluation.dataset_report import write_report
 
     report = write_report(triplet_dataset, tmp_path / "r", max_pairs=3)
     assert report["latent"] is None and any("--model" in note for note in report["notes"])

@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 
-from hgdpo import metrics, models, safe_load
+from hgdpo import safe_load
+from hgdpo.feedback import metrics
+from hgdpo.models import loading as models
 
 
 class _RunsCode:

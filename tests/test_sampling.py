@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from hgdpo.infotext import parse_parameters, read_png_parameters
-from hgdpo.lan import channel_statistics
-from hgdpo.models import load_sd15
-from hgdpo.sampling import ImageGenerator, SamplingConfig, best_of_n, make_scheduler
-from hgdpo.scorers import FunctionScorer
+from hgdpo.inference.infotext import parse_parameters, read_png_parameters
+from hgdpo.inference.lan import channel_statistics
+from hgdpo.models.loading import load_sd15
+from hgdpo.inference.sampling import ImageGenerator, SamplingConfig, best_of_n, make_scheduler
+from hgdpo.feedback.scorers import FunctionScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a woman singing on the stage", "two men shaking hands"]

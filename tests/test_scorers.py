@@ -1,6 +1,6 @@
 """Scorers on a tiny random CLIPModel saved to disk and loaded like the real PickScore/CLIP folders.
 
-No mocks: the scores of :mod:`hgdpo.scorers` are checked against the CLIP towers computed by hand.
+No mocks: the scores of :mod:`hgdpo.feedback.scorers` are checked against the CLIP towers computed by hand.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hgdpo.scorers import (
+from hgdpo.feedback.scorers import (
     CLIPScoreScorer,
     FunctionScorer,
     PickScoreScorer,

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hgdpo.infotext import format_parameters, read_png_parameters, save_png
-from hgdpo.study import AI_LOSER, AI_WINNER, CSV_COLUMNS, Study, format_results, pairs_from_dataset, pairs_from_folders
-from hgdpo.study_app import image_pixels_only
-from hgdpo.winrate import win_rate
+from hgdpo.inference.infotext import format_parameters, read_png_parameters, save_png
+from hgdpo.study.store import AI_LOSER, AI_WINNER, CSV_COLUMNS, Study, format_results, pairs_from_dataset, pairs_from_folders
+from hgdpo.study.app import image_pixels_only
+from hgdpo.evaluation.winrate import win_rate
 from tests.conftest import write_triplets
 from trainer import user_study
 
@@ -410,7 +410,7 @@ def test_only_registered_images_are_served(server):
 def test_a_password_guards_the_page_and_the_images(tmp_path):
     from fastapi.testclient import TestClient
 
-    from hgdpo.study_app import Access, build_app
+    from hgdpo.study.app import Access, build_app
 
     study = Study.create(tmp_path / "study.db")
     study.add_pairs(pairs_from_folders(*write_model_folders(tmp_path, count=1)))

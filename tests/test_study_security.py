@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from hgdpo.study import Study, pairs_from_folders
+from hgdpo.study.store import Study, pairs_from_folders
 from tests.conftest import write_triplets
 from tests.test_study import (
     ORGANISER_PASSWORD,
@@ -160,7 +160,7 @@ def test_a_prompts_csv_without_the_columns_is_refused(tmp_path, capsys):
 
 
 def test_a_png_seed_that_is_not_a_number_names_the_image(tmp_path, capsys):
-    from hgdpo.infotext import save_png
+    from hgdpo.inference.infotext import save_png
 
     folders = write_model_folders(tmp_path, count=1)
     for folder in folders:
@@ -481,7 +481,7 @@ def test_every_response_says_nosniff_and_refuses_framing(hostile_server):
 def test_a_study_with_keys_and_no_password_admits_only_its_raters(tmp_path):
     from fastapi.testclient import TestClient
 
-    from hgdpo.study_app import Access, build_app
+    from hgdpo.study.app import Access, build_app
 
     study = Study.create(tmp_path / "study.db")
     study.add_pairs(pairs_from_folders(*write_model_folders(tmp_path, count=1)))
@@ -498,7 +498,7 @@ def test_a_study_with_keys_and_no_password_admits_only_its_raters(tmp_path):
 
 
 def test_repeated_logins_cannot_fill_the_servers_memory(study, monkeypatch):
-    from hgdpo import study_app
+    from hgdpo.study import app as study_app
 
     monkeypatch.setattr(study_app, "MAX_SESSIONS", 3)
     gate = study_app.Gate(study, study_app.Access(password="pw"))

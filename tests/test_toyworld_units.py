@@ -81,7 +81,7 @@ def test_count_parts():
 
 
 def test_judge_as_a_scorer_plugin():
-    from hgdpo.scorers import load_scorer
+    from hgdpo.feedback.scorers import load_scorer
 
     scorer = load_scorer("hgdpo.toyworld.judge:AnatomyJudge")
     assert isinstance(scorer, AnatomyJudge)

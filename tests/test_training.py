@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hgdpo.lora import DEFAULT_TARGETS
-from hgdpo.models import clip_tokenizer
+from hgdpo.models.lora import DEFAULT_TARGETS
+from hgdpo.models.loading import clip_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "trainer" / "train.py")]
@@ -162,7 +162,7 @@ def test_resume_latest_without_checkpoint_starts_fresh_and_changed_options_are_r
 
 
 def test_sft_and_bf16_dpo_modes_and_pickapic_input(tmp_path, tiny_single_file, tiny_model_dir, triplet_dataset):
-    from hgdpo.dataset import export_pickapic
+    from hgdpo.data.dataset import export_pickapic
 
     parquet = tmp_path / "pickapic.parquet"
     export_pickapic(triplet_dataset, parquet)
@@ -213,7 +213,7 @@ def test_bad_options_and_wrong_family_fail_clearly(tmp_path, triplet_dataset):
 
 
 def test_config_file_and_flags(tmp_path):
-    from hgdpo.config import TrainConfig, build_parser, load_config
+    from hgdpo.training.config import TrainConfig, build_parser, load_config
 
     help_text = " ".join(build_parser().format_help().split())
     for option in ("--beta", "--lambda-stat", "--lora-rank", "--resume", "--resolution", "--mixed-precision"):
@@ -234,7 +234,7 @@ def test_config_file_and_flags(tmp_path):
 
 def test_two_processes_share_the_encoding_and_train_data_parallel(tmp_path, tiny_single_file, tiny_model_dir):
     """torchrun with 2 CPU processes (gloo), as `accelerate launch` runs several GPUs."""
-    from hgdpo.cache import CHUNK_SIZE
+    from hgdpo.training.latent_cache import CHUNK_SIZE
     from tests.conftest import write_triplets
 
     data = write_triplets(tmp_path / "data", num_pairs=CHUNK_SIZE + 6)  # two cache chunks, one per rank
@@ -248,7 +248,7 @@ def test_two_processes_share_the_encoding_and_train_data_parallel(tmp_path, tiny
     assert result.stdout.count("LoRA written") == 1
     chunks = sorted(p.name for p in (tmp_path / "cache").rglob("chunk-*.safetensors"))
     assert chunks == ["chunk-000000.safetensors", "chunk-000001.safetensors"]
-    from hgdpo.checkpoint import CheckpointManager
+    from hgdpo.training.checkpoint import CheckpointManager
 
     _, _, objects = CheckpointManager.load(CheckpointManager(tmp_path / "out").resolve("latest"))
     assert {"generator/noise_rank0", "generator/noise_rank1"} <= objects["rng"].keys()

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from extension import settings as hs
 from extension.webui_harness import WebUI, config_from_environment, prepare_data_dir
-from hgdpo.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY, parse_parameters
+from hgdpo.inference.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY, parse_parameters
 
 CONFIG, SKIP_REASON = config_from_environment()
 pytestmark = pytest.mark.skipif(CONFIG is None, reason=SKIP_REASON)
@@ -79,7 +79,7 @@ def _write_loras(folder):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from hgdpo.tiny import sd15_configs
+    from hgdpo.models.tiny import sd15_configs
     from tests.sd15_factory import save_random_lora
 
     configs = sd15_configs()

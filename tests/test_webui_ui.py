@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from extension.webui_harness import WebUI
-from hgdpo.infotext import LAN_KEY, LORA_HASH_KEY, LORA_KEY, WEIGHT_KEY
+from hgdpo.inference.infotext import LAN_KEY, LORA_HASH_KEY, LORA_KEY, WEIGHT_KEY
 from tests.test_webui_integration import (
     CONFIG,
     FORGE_API_FIELDS,

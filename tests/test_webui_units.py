@@ -22,7 +22,7 @@ from torch import nn
 from extension import best_of, install_plan, lockstep, lora_files, webui_harness
 from extension import settings as hs
 from extension.lora_hooks import FollowingLoRA, clip_text_kohya_names
-from hgdpo.infotext import (
+from hgdpo.inference.infotext import (
     BEST_OF_KEY,
     LAN_KEY,
     LORA_HASH_KEY,
@@ -32,10 +32,10 @@ from hgdpo.infotext import (
     format_parameters,
     parse_parameters,
 )
-from hgdpo.lan import latent_adaptive_normalization
-from hgdpo.ldm_names import ldm_to_diffusers_names, ldm_unet_kohya_names
-from hgdpo.lora_runtime import FunctionalLoRA, LoRAArchitectureError, kohya_module_names, read_lora
-from hgdpo.scorers import FunctionScorer, ScorerWeightsError
+from hgdpo.inference.lan import latent_adaptive_normalization
+from hgdpo.models.ldm_names import ldm_to_diffusers_names, ldm_unet_kohya_names
+from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAArchitectureError, kohya_module_names, read_lora
+from hgdpo.feedback.scorers import FunctionScorer, ScorerWeightsError
 from tests import sd15_factory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_framework_free_modules_import_without_the_webui():
     """CI imports these; the WebUI glue must stay out of them (no ``modules``, no gradio)."""
     code = (
         "import sys; import extension.settings, extension.lockstep, extension.lora_files, extension.best_of, "
-        "extension.install_plan, extension.lora_hooks, extension.webui_harness, hgdpo.ldm_names; "
+        "extension.install_plan, extension.lora_hooks, extension.webui_harness, hgdpo.models.ldm_names; "
         "bad = [m for m in ('modules', 'gradio', 'k_diffusion', 'diffusers') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -591,7 +591,7 @@ def test_following_lora_on_layers_of_another_class_and_storage_dtype(tmp_path):
         following.scale = 0.0
         torch.testing.assert_close(forge(x), reference(x), rtol=1e-5, atol=1e-5)
         following.remove()
-    from hgdpo.ldm_names import layers
+    from hgdpo.models.ldm_names import layers
 
     assert set(layers(forge)) == {"0", "2"}  # the foreign Linear counts as a layer
 

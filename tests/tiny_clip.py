@@ -23,7 +23,7 @@ def build_tiny_clip(seed: int = 0):
 def build_tiny_processor():
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from hgdpo.models import clip_tokenizer
+    from hgdpo.models.loading import clip_tokenizer
 
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer())

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     setup_logging()
-    from hgdpo.builder import BuildConfig, build_dataset
+    from hgdpo.data.builder import BuildConfig, build_dataset
 
     config = BuildConfig(
         model=arguments.model, prompts=arguments.prompts, output_dir=arguments.output_dir,

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(arguments.cache_dir).expanduser() if arguments.cache_dir else cache_root()
 
     def run() -> str:
-        from hgdpo.cache import cache_entries, prune_cache
+        from hgdpo.training.latent_cache import cache_entries, prune_cache
 
         if arguments.cache_dir and not root.is_dir():
             raise FileNotFoundError(f"--cache-dir {root} is not a folder; give the folder train.py used.")

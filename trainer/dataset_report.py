@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hgdpo.config import parse_resolution  # noqa: E402
+from hgdpo.training.config import parse_resolution  # noqa: E402
 from hgdpo.errors import run_cli  # noqa: E402
 from hgdpo.options import check_value  # noqa: E402
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
     def run() -> str:
-        from hgdpo.report import write_report
+        from hgdpo.evaluation.dataset_report import write_report
 
         if not Path(arguments.dataset).expanduser().exists():
             raise FileNotFoundError(f"--dataset {arguments.dataset} not found; give a triplet dataset folder or a "
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--output-dir {arguments.output_dir} is a file; give a folder.")
         components = None
         if arguments.model:
-            from hgdpo.models import load_sd15
+            from hgdpo.models.loading import load_sd15
 
             components = load_sd15(arguments.model, config_dir=arguments.model_config_dir)
         report = write_report(arguments.dataset, arguments.output_dir, components, arguments.max_pairs,

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hgdpo.cli import add_device_arguments, setup_logging
 from hgdpo.errors import run_cli
-from hgdpo.evaluation import PAPER_METRICS
-from hgdpo.sampling import SAMPLERS, SCHEDULES, SamplingConfig
+from hgdpo.evaluation.evaluate import PAPER_METRICS
+from hgdpo.inference.sampling import SAMPLERS, SCHEDULES, SamplingConfig
 
 DEFAULTS = SamplingConfig()
 PARTI_URL = "https://github.com/google-research/parti/blob/main/PartiPrompts.tsv"
@@ -105,7 +105,7 @@ def _sources(items: list[str], flag: str) -> dict[str, str]:
 
 def _category(path: str, category: str | None) -> str | None:
     """The category filter: the one given ('' = none), else People for a table with a Category column."""
-    from hgdpo.prompts import CATEGORY_COLUMN
+    from hgdpo.data.prompts import CATEGORY_COLUMN
 
     if category is not None:
         return category or None
@@ -118,12 +118,12 @@ def _category(path: str, category: str | None) -> str | None:
 
 
 def make_config(arguments: argparse.Namespace):
-    """The :class:`~hgdpo.evaluation.EvaluationConfig` the command line describes."""
+    """The :class:`~hgdpo.evaluation.evaluate.EvaluationConfig` the command line describes."""
     from dataclasses import replace
 
-    from hgdpo.config import parse_resolution
-    from hgdpo.evaluation import EvaluationConfig, MetricSpec, ModelSpec
-    from hgdpo.prompts import read_prompts
+    from hgdpo.training.config import parse_resolution
+    from hgdpo.evaluation.evaluate import EvaluationConfig, MetricSpec, ModelSpec
+    from hgdpo.data.prompts import read_prompts
 
     width, height = parse_resolution(arguments.resolution)
     category = _category(arguments.prompts, arguments.category)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def run() -> str:
-        from hgdpo.evaluation import run_evaluation
+        from hgdpo.evaluation.evaluate import run_evaluation
 
         report = run_evaluation(make_config(arguments), show_progress=not arguments.no_progress)
         rates = ", ".join(f"{metric['label']} {100 * metric['win_rate']['rate']:.1f}%"

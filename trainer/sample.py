@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hgdpo.cli import add_device_arguments, add_scorer_arguments, setup_logging  # noqa: E402
 from hgdpo.errors import run_cli  # noqa: E402
-from hgdpo.sampling import SAMPLERS, SCHEDULES, SamplingConfig  # noqa: E402
+from hgdpo.inference.sampling import SAMPLERS, SCHEDULES, SamplingConfig  # noqa: E402
 
 DEFAULTS = SamplingConfig()
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def run() -> str:
-        from hgdpo.generate import GenerateJob, run_generate_job
+        from hgdpo.inference.generate import GenerateJob, run_generate_job
 
         job = GenerateJob.from_arguments(arguments)
         written = run_generate_job(job, show_progress=not arguments.no_progress)

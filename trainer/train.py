@@ -15,13 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hgdpo.config import load_config  # noqa: E402
+from hgdpo.training.config import load_config  # noqa: E402
 from hgdpo.errors import run_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     config = load_config(argv)
-    from hgdpo.training import train
+    from hgdpo.training.loop import train
 
     return run_cli(lambda: f"LoRA written to {train(config)}")
 

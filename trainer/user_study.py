@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hgdpo.errors import run_cli
-from hgdpo.study import Study, check_rater, format_results, pairs_from_dataset, pairs_from_folders
-from hgdpo.study_app import DEFAULT_MAX_RATERS, Access
-from hgdpo.study_app import serve as serve_study
+from hgdpo.study.store import Study, check_rater, format_results, pairs_from_dataset, pairs_from_folders
+from hgdpo.study.app import DEFAULT_MAX_RATERS, Access
+from hgdpo.study.app import serve as serve_study
 
 PASSWORD_ENV = "HGDPO_STUDY_PASSWORD"
 ORGANISER_ENV = "HGDPO_STUDY_ORGANISER_PASSWORD"

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hgdpo.models import clip_tokenizer
-from hgdpo.tiny import build_models, save_diffusers_folder, sd15_configs
+from hgdpo.models.loading import clip_tokenizer
+from hgdpo.models.tiny import build_models, save_diffusers_folder, sd15_configs
 from hgdpo.toyworld import world
 from hgdpo.toyworld.scorer import train_scorer
 
@@ -125,7 +125,7 @@ def train_denoiser(unet, text_encoder, latents: torch.Tensor, prompts: list[str]
     """Noise prediction (SD1.5's DDPM schedule, epsilon target) for UNet and text encoder together, with EMA."""
     from diffusers import DDPMScheduler
 
-    from hgdpo.models import SD15_CONFIG_DIR
+    from hgdpo.models.loading import SD15_CONFIG_DIR
 
     scheduler = DDPMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler")
     generator = torch.Generator().manual_seed(settings.seed + 2)

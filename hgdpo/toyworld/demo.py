@@ -1,11 +1,11 @@
 """The README's demo: HG-DPO fixing figures of the toy world, end to end on a CPU, with the project's own code.
 
-1. **Pools** (:func:`hgdpo.builder.build_dataset`): the shipped toy SFT model draws a pool of images per
+1. **Pools** (:func:`hgdpo.data.builder.build_dataset`): the shipped toy SFT model draws a pool of images per
    training prompt; the world's scorer (the plug-in ``hgdpo.toyworld.scorer:WorldScorer``) ranks them;
    the best and the worst become a triplet (Eq. 4-6).
-2. **Training** (:func:`hgdpo.training.train`): an HG-DPO LoRA (Diffusion-DPO + statistic matching, Eq. 9),
+2. **Training** (:func:`hgdpo.training.loop.train`): an HG-DPO LoRA (Diffusion-DPO + statistic matching, Eq. 9),
    and, for the colour-shift comparison, a LoRA with DPO alone (Eq. 3).
-3. **Evaluation** (:func:`hgdpo.evaluation.run_evaluation`): SFT against SFT + LoRA at 0.5, at 1.0 and with
+3. **Evaluation** (:func:`hgdpo.evaluation.evaluate.run_evaluation`): SFT against SFT + LoRA at 0.5, at 1.0 and with
    LAN (Eq. 7), on held-out prompts and fixed seeds, by the scorer and by the held-out judge
    (:mod:`hgdpo.toyworld.judge`), which no stage above ever saw.
 4. **Report**: ``report.html`` with the before/after grid on the same seeds, the win rates with 95%
@@ -70,8 +70,8 @@ def split_prompts(settings: DemoSettings) -> tuple[list[str], list[str]]:
 
 def build_pools(settings: DemoSettings, prompts: list[str], output_dir: Path, components) -> Path:
     """Stage 1: the project's dataset builder with the world's scorer as a plug-in."""
-    from hgdpo.builder import BuildConfig, build_dataset
-    from hgdpo.scorers import load_scorer
+    from hgdpo.data.builder import BuildConfig, build_dataset
+    from hgdpo.feedback.scorers import load_scorer
 
     prompt_file = output_dir / "train_prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
@@ -86,8 +86,8 @@ def build_pools(settings: DemoSettings, prompts: list[str], output_dir: Path, co
 
 def train_lora(settings: DemoSettings, dataset: Path, output_dir: Path, loss: str) -> Path:
     """Stage 2: the project's trainer (``loss`` hgdpo = Eq. 9, dpo = Eq. 3)."""
-    from hgdpo.config import TrainConfig
-    from hgdpo.training import train
+    from hgdpo.training.config import TrainConfig
+    from hgdpo.training.loop import train
 
     config = TrainConfig(
         model=settings.model, dataset=str(dataset), output_dir=str(output_dir), resolution=str(world.SIZE),
@@ -126,9 +126,9 @@ def training_figures(run_dir: Path) -> dict[str, float]:
 
 def evaluate(settings: DemoSettings, prompts: list[str], output_dir: Path, candidates: dict[str, dict[str, Any]],
              components) -> dict[str, dict[str, Any]]:
-    """Stage 3: :func:`hgdpo.evaluation.run_evaluation` of SFT against each candidate, one shared image cache."""
-    from hgdpo.evaluation import EvaluationConfig, MetricSpec, ModelSpec, run_evaluation
-    from hgdpo.sampling import ImageGenerator, SamplingConfig
+    """Stage 3: :func:`hgdpo.evaluation.evaluate.run_evaluation` of SFT against each candidate, one shared image cache."""
+    from hgdpo.evaluation.evaluate import EvaluationConfig, MetricSpec, ModelSpec, run_evaluation
+    from hgdpo.inference.sampling import ImageGenerator, SamplingConfig
 
     sampling = SamplingConfig(steps=settings.steps, guidance_scale=settings.guidance_scale, width=world.SIZE,
                               height=world.SIZE)
@@ -238,7 +238,7 @@ A toy world: it shows the method working, not real anatomy.</p>
 def run_demo(output_dir: str | Path = "demo_output", settings: DemoSettings | None = None,
              progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage into ``output_dir`` (replaced); return the figures (also in ``figures.json``)."""
-    from hgdpo.models import load_sd15
+    from hgdpo.models.loading import load_sd15
 
     settings = settings or DemoSettings()
     output_dir = Path(output_dir)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hgdpo.models import SD15_CONFIG_DIR
+from hgdpo.models.loading import SD15_CONFIG_DIR
 
 _COMPONENTS = ("unet", "vae", "text_encoder")
 

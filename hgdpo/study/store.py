@@ -1,6 +1,6 @@
 """The pairwise user study's store: registered images and pairs, raters and their votes in SQLite.
 
-Framework-free (the web app in :mod:`hgdpo.study_app` is a thin layer over it). One study is one
+Framework-free (the web app in :mod:`hgdpo.study.app` is a thin layer over it). One study is one
 SQLite file in WAL mode; every operation opens its own connection, and each vote is one
 ``BEGIN IMMEDIATE`` transaction, so concurrent raters (threads or processes) wait on ``busy_timeout``
 instead of failing. A vote is unique per (rater, pair): voting again on the same pair is ignored.
@@ -24,7 +24,7 @@ Two folders of generated images (:func:`pairs_from_folders`) are matched by file
     candidate/0000.png candidate/0001.png ...
 
 The prompt (and seed) of each name comes from a prompts CSV with columns ``name, prompt[, seed]``,
-or else from the PNG ``parameters`` text chunk (the WebUI's convention, :mod:`hgdpo.infotext`).
+or else from the PNG ``parameters`` text chunk (the WebUI's convention, :mod:`hgdpo.inference.infotext`).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 
 from hgdpo.fileio import atomic_path, atomic_write_text
-from hgdpo.infotext import parse_parameters, read_png_parameters
-from hgdpo.winrate import WinRate, win_rate
+from hgdpo.inference.infotext import parse_parameters, read_png_parameters
+from hgdpo.evaluation.winrate import WinRate, win_rate
 
 __all__ = [
     "AI_LOSER",
@@ -650,7 +650,7 @@ def _dataset_image(root: Path, metadata: dict[str, Any], column: str, pair: int)
 
 def pairs_from_dataset(dataset_dir: str | Path) -> list[PairSpec]:
     """The checked winner/loser pairs of a triplet dataset; model A is the AI feedback's winner."""
-    from hgdpo.dataset import open_preference_dataset
+    from hgdpo.data.dataset import open_preference_dataset
 
     dataset = open_preference_dataset(dataset_dir)
     if not len(dataset):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from hgdpo.scorers import Scorer
+    from hgdpo.feedback.scorers import Scorer
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hgdpo.losses import DEFAULT_BETA, DEFAULT_LAMBDA_STAT
+from hgdpo.training.losses import DEFAULT_BETA, DEFAULT_LAMBDA_STAT
 from hgdpo.options import check_value, flag_name
 
 if sys.version_info >= (3, 11):

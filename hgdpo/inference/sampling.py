@@ -9,11 +9,11 @@ LAN (Eq. 7) samples the SFT and the DPO model in lockstep. Both trajectories liv
 ``[x_sft; x_dpo]`` that any diffusers scheduler steps as usual: schedulers keep their multistep
 history per element, so each trajectory has its own solver state, and the stochastic ones draw their
 noise from one generator per element, seeded so that both halves get the same draws. After every
-step :func:`hgdpo.lan.normalize_stacked` renormalises the DPO half to the SFT half.
+step :func:`hgdpo.inference.lan.normalize_stacked` renormalises the DPO half to the SFT half.
 
 When the DPO model is the SFT model plus a LoRA (the common case), one UNet evaluates both halves in
 one forward with the LoRA scaled per sample (0 for SFT rows, w for DPO rows; see
-:class:`hgdpo.lora_runtime.FunctionalLoRA`): one copy of the weights, nothing re-patched per step.
+:class:`hgdpo.models.lora_runtime.FunctionalLoRA`): one copy of the weights, nothing re-patched per step.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hgdpo.lan import normalize_stacked
-from hgdpo.lora_runtime import FunctionalLoRA, LoRAFile, attach_lora, read_lora
+from hgdpo.inference.lan import normalize_stacked
+from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAFile, attach_lora, read_lora
 from hgdpo.options import check_value
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from hgdpo.models import SD15Components
-    from hgdpo.scorers import Scorer
-    from hgdpo.selection import ScoredImage
+    from hgdpo.models.loading import SD15Components
+    from hgdpo.feedback.scorers import Scorer
+    from hgdpo.data.selection import ScoredImage
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -339,7 +339,7 @@ def best_of_n(generator: ImageGenerator, prompt: str, seed: int, count: int, sco
     """
     from tqdm.auto import tqdm
 
-    from hgdpo.selection import rank_candidates
+    from hgdpo.data.selection import rank_candidates
 
     if count < 1:
         raise ValueError(f"Best-of-N needs N >= 1, got {count}.")

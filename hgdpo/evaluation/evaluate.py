@@ -5,12 +5,12 @@ the baseline and the candidate each generate one image from the same prompt and 
 
 * **win rates** (Tables 1, 3, 5, 6): every metric scores both images of each (prompt, seed) pair; the
   candidate's win rate is the share of pairs where its image scores higher, ties counting half, with a
-  percentile-bootstrap 95% interval (:mod:`hgdpo.winrate`);
+  percentile-bootstrap 95% interval (:mod:`hgdpo.evaluation.winrate`);
 * **colour shift** (Table 2): each model's mean hue, saturation and value and their change against the
-  baseline in percent (:mod:`hgdpo.colorshift`);
+  baseline in percent (:mod:`hgdpo.evaluation.colorshift`);
 * **latent statistics** (Fig. 5b's statistic): the channel-wise mean / std of each image's final
   latent, and the L2 distance of these statistics between the two images of a pair
-  (:func:`hgdpo.report.stat_distance`).
+  (:func:`hgdpo.evaluation.dataset_report.stat_distance`).
 
 Images are cached on disk, one PNG per (model configuration, prompt, seed) under
 ``<image cache>/<model digest>/``; the digest covers the checkpoint, the LoRA file's hash, its weight,
@@ -34,13 +34,13 @@ import numpy as np
 import torch
 
 from hgdpo.options import check_value
-from hgdpo.sampling import SamplingConfig
+from hgdpo.inference.sampling import SamplingConfig
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from hgdpo.sampling import ImageGenerator
-    from hgdpo.scorers import Scorer
+    from hgdpo.inference.sampling import ImageGenerator
+    from hgdpo.feedback.scorers import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """A metric by :func:`hgdpo.scorers.load_scorer` name (or plug-in), with its weights."""
+    """A metric by :func:`hgdpo.feedback.scorers.load_scorer` name (or plug-in), with its weights."""
 
     name: str
     model: str | None = None
@@ -101,7 +101,7 @@ class MetricSpec:
         return METRIC_LABELS.get(self.name.lower(), self.name)
 
     def load(self, device: torch.device) -> Scorer:
-        from hgdpo.scorers import load_scorer
+        from hgdpo.feedback.scorers import load_scorer
 
         options = {"processor": self.processor} if self.processor else {}
         return load_scorer(self.name, model=self.model, device=device, **options)
@@ -170,7 +170,7 @@ class EvaluationConfig:
 
 def model_digest(spec: ModelSpec, sampling: SamplingConfig, dtype: torch.dtype, model_config_dir: str | None) -> str:
     """16 hex digits identifying the images a model configuration makes (everything but the prompt and seed)."""
-    from hgdpo.models import file_sha256, model_fingerprint
+    from hgdpo.models.loading import file_sha256, model_fingerprint
 
     identity = {
         "model": model_fingerprint(spec.model),
@@ -217,7 +217,7 @@ class ImageCache:
         from PIL.PngImagePlugin import PngInfo
 
         from hgdpo.fileio import atomic_path
-        from hgdpo.infotext import PARAMETERS_KEY
+        from hgdpo.inference.infotext import PARAMETERS_KEY
 
         info = PngInfo()
         info.add_text(PARAMETERS_KEY, parameters)
@@ -243,16 +243,16 @@ class ImageCache:
 
 def load_generator(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                    model_config_dir: str | None = None) -> ImageGenerator:
-    """An :class:`~hgdpo.sampling.ImageGenerator` for ``spec`` (the model plus its LoRA, if any)."""
-    from hgdpo.models import load_sd15
-    from hgdpo.sampling import ImageGenerator
+    """An :class:`~hgdpo.inference.sampling.ImageGenerator` for ``spec`` (the model plus its LoRA, if any)."""
+    from hgdpo.models.loading import load_sd15
+    from hgdpo.inference.sampling import ImageGenerator
 
     return ImageGenerator(load_sd15(spec.model, config_dir=model_config_dir), lora=spec.lora, device=device,
                           dtype=dtype)
 
 
 def _parameters(spec: ModelSpec, sampling: SamplingConfig, prompt: str, seed: int) -> str:
-    from hgdpo import infotext
+    from hgdpo.inference import infotext
 
     fields: dict[str, object] = {"Steps": sampling.steps, "Sampler": sampling.sampler_label,
                                  "Schedule type": "Karras" if sampling.schedule == "karras" else None,
@@ -274,7 +274,7 @@ def generate_missing(spec: ModelSpec, cache: ImageCache, pairs: Sequence[tuple[s
     """
     from tqdm.auto import tqdm
 
-    from hgdpo.report import channel_stats
+    from hgdpo.evaluation.dataset_report import channel_stats
 
     missing = [(prompt, seed) for prompt, seed in pairs if not cache.has(prompt, seed)]
     if not missing:
@@ -312,8 +312,8 @@ def score_cached(scorer: Scorer, cache: ImageCache, pairs: Sequence[tuple[str, i
 def metric_result(metric: MetricSpec, baseline: np.ndarray, candidate: np.ndarray, tie_tolerance: float,
                   resamples: int) -> dict[str, Any]:
     """Means, the candidate's win rate with its bootstrap interval (Tables 1, 3, 5, 6), and the score differences."""
-    from hgdpo.report import score_gap_stats
-    from hgdpo.winrate import outcomes_from_scores, win_rate
+    from hgdpo.evaluation.dataset_report import score_gap_stats
+    from hgdpo.evaluation.winrate import outcomes_from_scores, win_rate
 
     outcomes = outcomes_from_scores(candidate, baseline, tie_tolerance)
     return {
@@ -329,7 +329,7 @@ def metric_result(metric: MetricSpec, baseline: np.ndarray, candidate: np.ndarra
 
 def measure_images(cache: ImageCache, pairs: Sequence[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per image: mean (hue degrees, saturation, value) ``[N, 3]`` and latent channel mean / std ``[N, C]``."""
-    from hgdpo.colorshift import mean_hsv
+    from hgdpo.evaluation.colorshift import mean_hsv
 
     hsv, means, stds = [], [], []
     for prompt, seed in pairs:
@@ -342,7 +342,7 @@ def measure_images(cache: ImageCache, pairs: Sequence[tuple[str, int]]) -> tuple
 
 def latent_section(stats: dict[str, tuple[np.ndarray, np.ndarray]], baseline: str, candidate: str) -> dict[str, Any]:
     """Channel-wise latent mean / std per model, and their L2 distance between the two images of each pair."""
-    from hgdpo.report import score_gap_stats, stat_distance
+    from hgdpo.evaluation.dataset_report import score_gap_stats, stat_distance
 
     (mean_b, std_b), (mean_c, std_c) = stats[baseline], stats[candidate]
     mean_distance, std_distance = stat_distance(mean_b, std_b, mean_c, std_c)
@@ -369,7 +369,7 @@ def _resolve_device(config: EvaluationConfig) -> tuple[torch.device, torch.dtype
 
 def _check_metric_sources(metrics: Sequence[MetricSpec]) -> None:
     """Fail before generating when a metric's weights were given as a local path that does not exist."""
-    from hgdpo.scorers import _is_local
+    from hgdpo.feedback.scorers import _is_local
 
     for metric in metrics:
         for what, source in (("model", metric.model), ("processor", metric.processor)):
@@ -389,8 +389,8 @@ def run_evaluation(config: EvaluationConfig, *,
     """
     from tqdm.auto import tqdm
 
-    from hgdpo.colorshift import colour_shift
-    from hgdpo.evaluation_report import write_evaluation_report
+    from hgdpo.evaluation.colorshift import colour_shift
+    from hgdpo.evaluation.report import write_evaluation_report
 
     config.validate()
     _check_metric_sources(config.metrics)

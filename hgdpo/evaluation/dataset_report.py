@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from hgdpo.dataset import resolve_dataset_path
+from hgdpo.data.dataset import resolve_dataset_path
 
 __all__ = [
     "QUANTILES",
@@ -150,12 +150,12 @@ def encode_channel_stats(images: Iterable[Image.Image], vae, size: tuple[int, in
     """VAE-encode a stream of images in batches and return their channel statistics (``[N, C]`` each).
 
     Images are consumed lazily: at most ``batch_size`` preprocessed images are held at a time, and only
-    the ``[C]`` statistics of each latent are kept. Latents are :func:`hgdpo.cache.encode_images`'s
+    the ``[C]`` statistics of each latent are kept. Latents are :func:`hgdpo.training.latent_cache.encode_images`'s
     (posterior mean times the VAE scaling factor) at ``size`` (width, height).
     """
     import torch
 
-    from hgdpo.cache import encode_images, preprocess_image
+    from hgdpo.training.latent_cache import encode_images, preprocess_image
 
     means: list[np.ndarray] = []
     stds: list[np.ndarray] = []
@@ -411,9 +411,9 @@ def write_report(dataset_path: str | Path, output_dir: str | Path, components=No
     """Write the dataset report into ``output_dir`` and return what ``report.json`` holds.
 
     Args:
-        dataset_path: anything :func:`hgdpo.dataset.open_preference_dataset` opens.
+        dataset_path: anything :func:`hgdpo.data.dataset.open_preference_dataset` opens.
         output_dir: the report folder (created).
-        components: a loaded SD1.5 model (:func:`hgdpo.models.load_sd15`); without it the latent statistics
+        components: a loaded SD1.5 model (:func:`hgdpo.models.loading.load_sd15`); without it the latent statistics
             (paper Fig. 5b) are skipped with a note.
         max_pairs: pairs shown on the contact sheets.
         batch_size: images per VAE batch.
@@ -425,7 +425,7 @@ def write_report(dataset_path: str | Path, output_dir: str | Path, components=No
         FileNotFoundError: no dataset at ``dataset_path``.
         ValueError: an unreadable dataset, or ``max_pairs`` / ``batch_size`` below their minimum.
     """
-    from hgdpo.dataset import open_preference_dataset
+    from hgdpo.data.dataset import open_preference_dataset
 
     if max_pairs < 0 or batch_size < 1:
         raise ValueError(f"max_pairs must be >= 0 and batch_size >= 1 (got {max_pairs}, {batch_size})")

@@ -118,7 +118,7 @@ def build_cache(
     naming the file.
     """
 
-    from hgdpo.dataset import CorruptImageError
+    from hgdpo.data.dataset import CorruptImageError
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

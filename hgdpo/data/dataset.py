@@ -1108,7 +1108,7 @@ def write_triplet_index(
     for key in ("win_seed", "lose_seed"):
         if any(v is not None for v in r[key]):
             cols[key] = pa.array(r[key], type=pa.int64())
-    from . import __version__
+    from hgdpo import __version__
 
     meta: dict[str, Any] = dict(extra_metadata or {})
     meta.update(

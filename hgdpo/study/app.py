@@ -1,4 +1,4 @@
-"""The pairwise user study's web page (gradio) and its server, over :class:`hgdpo.study.Study`.
+"""The pairwise user study's web page (gradio) and its server, over :class:`hgdpo.study.store.Study`.
 
 A rater logs in once (``/study/login``: their name and the study's password, or the personal password the
 organiser gave them) or opens their personal link (``/study/enter?key=...``), then sees the prompt and two
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from hgdpo.study import IMAGE_SUFFIXES, Choice, Shown, Study, check_rater, format_results
+from hgdpo.study.store import IMAGE_SUFFIXES, Choice, Shown, Study, check_rater, format_results
 
 if TYPE_CHECKING:
     from fastapi import APIRouter, FastAPI, Request, Response

@@ -15,10 +15,10 @@ first) that starts from the same latent twice. Then
 The model evaluates both halves in one batched forward. Its batch may stack several chunks of the
 lockstep batch (conditional and unconditional rows for CFG, say): :func:`row_scales` gives the
 per-row LoRA scale of such a batch (0 on SFT rows, the weight on DPO rows: the shared-weights fast path
-of :class:`hgdpo.lora_runtime.FunctionalLoRA`), and :func:`half_rows` the row indices of each chain
+of :class:`hgdpo.models.lora_runtime.FunctionalLoRA`), and :func:`half_rows` the row indices of each chain
 when two distinct models must share the rows out.
 
-Framework-free: torch and :mod:`hgdpo.lan` only.
+Framework-free: torch and :mod:`hgdpo.inference.lan` only.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hgdpo.lan import DEFAULT_EPS, latent_adaptive_normalization
+from hgdpo.inference.lan import DEFAULT_EPS, latent_adaptive_normalization
 
 
 def paired(x: torch.Tensor) -> torch.Tensor:

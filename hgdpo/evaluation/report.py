@@ -1,6 +1,6 @@
 """The evaluation report: Markdown + HTML tables in the paper's layout, plots, an image grid, JSON.
 
-:func:`write_evaluation_report` writes into the output folder (the conventions of :mod:`hgdpo.report`):
+:func:`write_evaluation_report` writes into the output folder (the conventions of :mod:`hgdpo.evaluation.dataset_report`):
 
 * ``report.json`` -- every figure and every pair's scores, machine-readable;
 * ``report.md`` and ``report.html`` -- the candidate's win rate per metric (paper Table 1's layout: one
@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hgdpo.colorshift import CHANNELS
+from hgdpo.evaluation.colorshift import CHANNELS
 from hgdpo.fileio import atomic_write_text
-from hgdpo.report import THUMB_SIZE, ContactRow, _fit, _fmt, _new_figure, _relative_link, render_contact_sheet
+from hgdpo.evaluation.dataset_report import THUMB_SIZE, ContactRow, _fit, _fmt, _new_figure, _relative_link, render_contact_sheet
 
 if TYPE_CHECKING:
-    from hgdpo.evaluation import ImageCache
+    from hgdpo.evaluation.evaluate import ImageCache
 
 Table = tuple[list[str], list[list[str]]]
 

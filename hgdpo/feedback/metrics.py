@@ -1,6 +1,6 @@
-"""The HG-DPO paper's evaluation metrics (Tables 1, 3, 5, 6) behind the :class:`~hgdpo.scorers.Scorer` interface.
+"""The HG-DPO paper's evaluation metrics (Tables 1, 3, 5, 6) behind the :class:`~hgdpo.feedback.scorers.Scorer` interface.
 
-PickScore and the CLIP score live in :mod:`hgdpo.scorers`; this module adds the other three, each computed
+PickScore and the CLIP score live in :mod:`hgdpo.feedback.scorers`; this module adds the other three, each computed
 as its reference implementation computes it, with weights from a local file or folder (offline) or a hub id:
 
 * ``"hpsv2"`` -- :class:`HPSv2Scorer`, Human Preference Score v2 / v2.1 (Wu et al., 2023) as
@@ -31,7 +31,7 @@ as its reference implementation computes it, with weights from a local file or f
   dtype's minimum); both give those positions an attention weight of exactly 0 in float32.
 
 Checkpoints are read with ``torch.load(weights_only=True)``. A missing file, or a hub id that cannot be
-fetched, raises :class:`~hgdpo.scorers.ScorerWeightsError` naming the expected files and the download
+fetched, raises :class:`~hgdpo.feedback.scorers.ScorerWeightsError` naming the expected files and the download
 commands; a file of another architecture raises ``ValueError`` naming the missing and unexpected keys.
 """
 
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from hgdpo.safe_load import load_pickle
-from hgdpo.scorers import (
+from hgdpo.feedback.scorers import (
     DEFAULT_CLIP_MODEL,
     ScorerWeightsError,
     _check_batch_size,

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hgdpo import infotext
+from hgdpo.inference import infotext
 from hgdpo.options import check_value, flag_name
-from hgdpo.sampling import ImageGenerator, SamplingConfig, best_of_n
+from hgdpo.inference.sampling import ImageGenerator, SamplingConfig, best_of_n
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from hgdpo.scorers import Scorer
+    from hgdpo.feedback.scorers import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class GenerateJob:
 
     @classmethod
     def from_arguments(cls, arguments: argparse.Namespace) -> GenerateJob:
-        from hgdpo.prompts import read_prompts
+        from hgdpo.data.prompts import read_prompts
 
         prompts = [*arguments.prompt_text, *arguments.prompt]
         if arguments.prompts:
@@ -119,7 +119,7 @@ def _parameters(job: GenerateJob, prompt: str, seed: int, model_hash: str | None
 
 def _short_hash(path: str | None, length: int) -> str | None:
     """The WebUI's short file hash (sha256 prefix) of a single file; None for folders and hub ids."""
-    from hgdpo.models import file_sha256
+    from hgdpo.models.loading import file_sha256
 
     return file_sha256(path)[:length] if path and Path(path).is_file() else None
 
@@ -128,7 +128,7 @@ def _load_generator(job: GenerateJob) -> ImageGenerator:
     from accelerate import PartialState
 
     from hgdpo.cli import resolve_dtype
-    from hgdpo.models import load_sd15
+    from hgdpo.models.loading import load_sd15
 
     device = torch.device(job.device) if job.device else PartialState().device
     sft = load_sd15(job.model, config_dir=job.model_config_dir)
@@ -152,7 +152,7 @@ def run_generate_job(job: GenerateJob, show_progress: bool = True) -> list[Path]
     job.validate()
     generator = _load_generator(job)
     if generator.lora is not None:
-        from hgdpo.lora_runtime import describe
+        from hgdpo.models.lora_runtime import describe
 
         logger.info("LoRA %s at weight %s", describe(generator.lora), job.config.lora_weight)
     scorer = _load_scorer(job, generator.device)  # before sampling: missing weights fail fast

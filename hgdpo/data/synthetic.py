@@ -1,7 +1,7 @@
 """Synthetic preference data for plumbing tests: warm, smooth winners and cold-noise losers.
 
 The README's demo is the toy world's (:mod:`hgdpo.toyworld.demo`); these triplets only exercise the data
-format and the trainer's mechanics with the random-weight model of :mod:`hgdpo.tiny`.
+format and the trainer's mechanics with the random-weight model of :mod:`hgdpo.models.tiny`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hgdpo.dataset import TripletWriter
+from hgdpo.data.dataset import TripletWriter
 
 DEMO_PROMPTS = (
     "a portrait photo of a smiling woman",

@@ -4,7 +4,7 @@ kohya LoRAs name UNet layers after diffusers' module paths (``lora_unet_down_blo
 transformer_blocks_0_attn1_to_q``), while the AUTOMATIC1111 WebUI, Forge and ComfyUI run the original
 CompVis/LDM UNet (``input_blocks.1.1.transformer_blocks.0.attn1.to_q``). :func:`ldm_unet_kohya_names`
 gives an LDM UNet's Linear and Conv2d layers keyed by kohya name, ready for
-:class:`hgdpo.lora_runtime.FunctionalLoRA`.
+:class:`hgdpo.models.lora_runtime.FunctionalLoRA`.
 
 The mapping is the classic one of diffusers' ``convert_ldm_unet_checkpoint``, derived here from the
 module names themselves (which input block is a downsampler, where the upsamplers sit), so it works for

@@ -2,7 +2,7 @@
 
 Runs on one device or, through ``accelerate launch``, data-parallel on several. The frozen
 reference of DPO is the same UNet with its LoRA disabled. Latents and text embeddings come from the
-on-disk cache (:mod:`hgdpo.cache`). Every ``checkpointing_steps`` an atomic checkpoint is written;
+on-disk cache (:mod:`hgdpo.training.latent_cache`). Every ``checkpointing_steps`` an atomic checkpoint is written;
 ``resume="latest"`` continues a killed run exactly where its last checkpoint left it.
 """
 
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from hgdpo.cache import build_cache, cache_key, encode_prompts, finalize_cache
-from hgdpo.checkpoint import CheckpointManager, TrainingState, restore_rng_states, rng_states
-from hgdpo.config import DTYPES, TrainConfig, save_config
+from hgdpo.training.latent_cache import build_cache, cache_key, encode_prompts, finalize_cache
+from hgdpo.training.checkpoint import CheckpointManager, TrainingState, restore_rng_states, rng_states
+from hgdpo.training.config import DTYPES, TrainConfig, save_config
 from hgdpo.errors import TrainingError
 from hgdpo.fileio import cache_root
-from hgdpo.losses import hgdpo_loss, sft_loss
-from hgdpo.lora import (
+from hgdpo.training.losses import hgdpo_loss, sft_loss
+from hgdpo.models.lora import (
     add_lora,
     adapter_disabled,
     kohya_metadata,
@@ -31,7 +31,7 @@ from hgdpo.lora import (
     lora_state_dict,
     save_kohya_lora,
 )
-from hgdpo.models import file_sha256, load_sd15, model_fingerprint
+from hgdpo.models.loading import file_sha256, load_sd15, model_fingerprint
 
 logger = logging.getLogger("hgdpo.train")
 
@@ -148,7 +148,7 @@ def train(config: TrainConfig) -> Path:
     from safetensors import SafetensorError
     from tqdm.auto import tqdm
 
-    from hgdpo.dataset import open_preference_dataset
+    from hgdpo.data.dataset import open_preference_dataset
 
     config.validate()
     output_dir = Path(config.output_dir)

@@ -14,7 +14,7 @@ Output directory::
         build_config.json        settings of the run (a resumed run must match them)
         records/000042.json      one per finished prompt: the commit point
         images/0000/000042_win.png, 000042_lose.png        (or pool/0000/000042_007.png with keep_pool)
-        index.parquet            the triplet dataset (:mod:`hgdpo.dataset` format), written at the end
+        index.parquet            the triplet dataset (:mod:`hgdpo.data.dataset` format), written at the end
 
 Each prompt is committed on its own: its images are written atomically, then its record. A killed
 run re-run with the same command skips every prompt with a record and regenerates the others (an
@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from hgdpo.cli import resolve_dtype
-from hgdpo.config import DTYPES, parse_resolution
+from hgdpo.training.config import DTYPES, parse_resolution
 from hgdpo.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from hgdpo.options import check_value
 
@@ -65,7 +65,7 @@ _SETTING_KEYS = ("model", "prompts_sha256", "num_prompts", "pool_size", "steps",
 
 
 class Scorer(Protocol):
-    """What the builder needs of a scorer (see ``hgdpo.scorers``)."""
+    """What the builder needs of a scorer (see ``hgdpo.feedback.scorers``)."""
 
     name: str
 
@@ -444,7 +444,7 @@ def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_
     Args:
         config: the build settings.
         scorer: the scorer object (``name``, ``score(prompts, images)``).
-        components: already loaded :class:`~hgdpo.models.SD15Components` (default: ``load_sd15(config.model)``).
+        components: already loaded :class:`~hgdpo.models.loading.SD15Components` (default: ``load_sd15(config.model)``).
         show_progress: a tqdm bar in images on the main process.
 
     Raises:
@@ -454,8 +454,8 @@ def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_
     from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
 
-    from hgdpo.dataset import export_pickapic, write_triplet_index
-    from hgdpo.prompts import read_prompts
+    from hgdpo.data.dataset import export_pickapic, write_triplet_index
+    from hgdpo.data.prompts import read_prompts
 
     config.validate()
     prompt_list = read_prompts(config.prompts, column=config.prompt_column, category=config.category)
@@ -495,7 +495,7 @@ def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_
 
     if pending:
         if components is None:
-            from hgdpo.models import load_sd15
+            from hgdpo.models.loading import load_sd15
 
             components = load_sd15(config.model, config_dir=config.model_config_dir)
         device = torch.device(config.device) if config.device else state.device

@@ -14,7 +14,7 @@ Built in:
 * ``"clip"`` -- :class:`CLIPScoreScorer`, the CLIP score of Hessel et al. (2021) as torchmetrics
   computes it: ``100 * max(cos(text, image), 0)`` with any transformers ``CLIPModel``.
 * ``"hpsv2"``, ``"aesthetic"``, ``"imagereward"`` -- the paper's other evaluation metrics, in
-  :mod:`hgdpo.metrics` (imported only when one is built).
+  :mod:`hgdpo.feedback.metrics` (imported only when one is built).
 * ``"package.module:callable"`` -- a plug-in (see :func:`load_scorer`). The paper names PickScore's
   blindness to fine anatomy (malformed fingers, extra limbs) as the main limitation of its feedback;
   a plug-in lets users bring a hand- or anatomy-aware scorer (or an ensemble) without touching hgdpo.
@@ -423,10 +423,10 @@ class FunctionScorer:
 
 
 def _metric(class_name: str) -> Callable[..., Scorer]:
-    """A factory of the evaluation metric ``hgdpo.metrics.<class_name>``, imported when first built."""
+    """A factory of the evaluation metric ``hgdpo.feedback.metrics.<class_name>``, imported when first built."""
 
     def factory(**kwargs: Any) -> Scorer:
-        from hgdpo import metrics
+        from hgdpo.feedback import metrics
 
         return getattr(metrics, class_name)(**kwargs)
 

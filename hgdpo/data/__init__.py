@@ -1,0 +1,1 @@
+"""Preference data: prompts, the AI-feedback dataset builder, winner/loser selection, the triplet format."""

@@ -1,0 +1,1 @@
+"""The pairwise user study: its SQLite store and its web app."""
