@@ -86,7 +86,7 @@ def _temporaries(folder: Path) -> list[str]:
 
 
 def _dataset_rows(folder: Path) -> list[tuple]:
-    from hgdpo.data.dataset import open_preference_dataset
+    from hgdpo.data.readers import open_preference_dataset
 
     dataset = open_preference_dataset(folder)
     rows = []

@@ -1,4 +1,5 @@
-"""Crash-safe file writing shared by every module that persists something.
+"""Crash-safe file writing shared by every module that persists something, and the image-path check of
+every module that opens image files named by its input.
 
 A file or folder is written under a hidden temporary sibling name and renamed onto its final name in
 one step, so readers never see a half-written file: a killed process leaves at most a hidden
@@ -21,8 +22,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+#: File suffixes of the images a dataset, a study or a report may name.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # ours: ".<name>.tmp-<pid>-<hex>", and ".<name>.tmp-<pid>" of earlier hgdpo versions
 TEMP_PATTERN = re.compile(r"^\..+\.tmp-(?P<pid>\d+)(?:-[0-9a-f]{16})?$")
+
+
+def image_inside(root: str | Path, path: str | Path, what: str, folder: str = "the folder",
+                 keep: str = "keep the images inside it") -> Path:
+    """``path`` (relative to ``root``, or absolute) with every ``..`` and symbolic link resolved.
+
+    Raises ValueError unless the result lies inside ``root`` (also resolved) and has an image suffix
+    (:data:`IMAGE_SUFFIXES`): a ``..``, an absolute path or a link out of the folder is refused. ``what`` names
+    the path in the error, ``folder`` names ``root`` and ``keep`` says what to do.
+    """
+    base = Path(root).resolve()
+    resolved = (base / path).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"{what} leads outside {folder} {base} (to {resolved}): {keep}")
+    if resolved.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{what} is not an image file ({resolved.name}): use {', '.join(IMAGE_SUFFIXES)}")
+    return resolved
 
 
 def cache_root() -> Path:

@@ -191,7 +191,7 @@ def test_derive_seed_is_deterministic_distinct_and_int64():
 
 
 def test_build_writes_triplets_with_scores_and_seeds(built):
-    from hgdpo.data.dataset import open_preference_dataset
+    from hgdpo.data.readers import open_preference_dataset
 
     config, result = built
     out = Path(config.output_dir)
@@ -281,7 +281,7 @@ def test_changed_settings_and_corrupt_records_are_refused(tmp_path, built, tiny_
 
 def test_keep_pool_loser_rank_and_min_gap_skip(tmp_path, tiny_components, tiny_model_dir):
     from hgdpo.data.builder import build_dataset
-    from hgdpo.data.dataset import open_preference_dataset
+    from hgdpo.data.readers import open_preference_dataset
 
     prompts = _write_prompts(tmp_path / "prompts.txt", ["a warm portrait", "a flat portrait", "a man"])
     config = _config(tmp_path / "out", tiny_model_dir, prompts, keep_pool=True, loser_rank=2, min_score_gap=1e-6,
@@ -315,7 +315,7 @@ def _records(out: Path) -> int:
 
 def test_cli_killed_repeatedly_resumes_to_complete_dataset_and_exports(tmp_path, tiny_single_file, tiny_model_dir):
     pytest.importorskip("hgdpo.feedback.scorers")
-    from hgdpo.data.dataset import open_preference_dataset
+    from hgdpo.data.readers import open_preference_dataset
 
     prompts = [f"a photo of person number {k}" for k in range(10)]
     prompt_file = _write_prompts(tmp_path / "prompts.txt", prompts)
@@ -387,7 +387,7 @@ def test_two_processes_split_the_prompts_and_the_main_one_merges(tmp_path, tiny_
     """torchrun with 2 CPU processes (gloo), as `accelerate launch` runs several GPUs."""
     pytest.importorskip("hgdpo.feedback.scorers")
     from hgdpo.data.builder import derive_seed
-    from hgdpo.data.dataset import open_preference_dataset
+    from hgdpo.data.readers import open_preference_dataset
 
     prompts = [f"prompt {k}" for k in range(5)]
     out = tmp_path / "out"

@@ -15,15 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from hgdpo.data.dataset import (
-    FORMAT_VERSION,
-    CorruptImageError,
-    PreferenceDatasetInfo,
-    TripletWriter,
-    export_pickapic,
-    is_about_people,
-    open_preference_dataset,
-)
+from hgdpo.data.format import FORMAT_VERSION, CorruptImageError, PreferenceDatasetInfo
+from hgdpo.data.people import is_about_people
+from hgdpo.data.pickapic import export_pickapic
+from hgdpo.data.readers import open_preference_dataset
+from hgdpo.data.writers import TripletWriter
 
 # --------------------------------------------------------------------------- helpers
 

@@ -16,10 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from hgdpo.data import dataset as dataset_module
+from hgdpo.data import readers as dataset_module
 from hgdpo.training.latent_cache import _chunk_is_sound, _open_chunk, _write_chunk, cache_entries, prune_cache
 from hgdpo.training.checkpoint import CheckpointManager, TrainingState
-from hgdpo.data.dataset import CorruptImageError, open_preference_dataset, resolve_dataset_path, write_triplet_index
+from hgdpo.data.format import CorruptImageError, resolve_dataset_path
+from hgdpo.data.readers import open_preference_dataset
+from hgdpo.data.writers import write_triplet_index
 from hgdpo.errors import TrainingError
 from hgdpo.fileio import TEMP_PATTERN, atomic_path, atomic_write_text, remove_stale_temporaries
 

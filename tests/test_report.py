@@ -103,7 +103,7 @@ def pooled_dataset(tmp_path_factory, tiny_model_dir, tiny_components):
 
 
 def test_write_report_end_to_end(pooled_dataset, tiny_components, tmp_path):
-    from hgdpo.data.dataset import open_preference_dataset
+    from hgdpo.data.readers import open_preference_dataset
     from hgdpo.evaluation.dataset_report import write_report
 
     out = tmp_path / "report"

@@ -162,7 +162,7 @@ def test_resume_latest_without_checkpoint_starts_fresh_and_changed_options_are_r
 
 
 def test_sft_and_bf16_dpo_modes_and_pickapic_input(tmp_path, tiny_single_file, tiny_model_dir, triplet_dataset):
-    from hgdpo.data.dataset import export_pickapic
+    from hgdpo.data.pickapic import export_pickapic
 
     parquet = tmp_path / "pickapic.parquet"
     export_pickapic(triplet_dataset, parquet)

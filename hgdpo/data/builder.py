@@ -14,7 +14,7 @@ Output directory::
         build_config.json        settings of the run (a resumed run must match them)
         records/000042.json      one per finished prompt: the commit point
         images/0000/000042_win.png, 000042_lose.png        (or pool/0000/000042_007.png with keep_pool)
-        index.parquet            the triplet dataset (:mod:`hgdpo.data.dataset` format), written at the end
+        index.parquet            the triplet dataset (:mod:`hgdpo.data.format`), written at the end
 
 Each prompt is committed on its own: its images are written atomically, then its record. A killed
 run re-run with the same command skips every prompt with a record and regenerates the others (an
@@ -454,7 +454,8 @@ def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_
     from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
 
-    from hgdpo.data.dataset import export_pickapic, write_triplet_index
+    from hgdpo.data.pickapic import export_pickapic
+    from hgdpo.data.writers import write_triplet_index
     from hgdpo.data.prompts import read_prompts
 
     config.validate()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hgdpo.data.dataset import TripletWriter
+from hgdpo.data.writers import TripletWriter
 
 DEMO_PROMPTS = (
     "a portrait photo of a smiling woman",

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from hgdpo.data.dataset import resolve_dataset_path
+from hgdpo.data.format import resolve_dataset_path
 
 __all__ = [
     "QUANTILES",
@@ -411,7 +411,7 @@ def write_report(dataset_path: str | Path, output_dir: str | Path, components=No
     """Write the dataset report into ``output_dir`` and return what ``report.json`` holds.
 
     Args:
-        dataset_path: anything :func:`hgdpo.data.dataset.open_preference_dataset` opens.
+        dataset_path: anything :func:`hgdpo.data.readers.open_preference_dataset` opens.
         output_dir: the report folder (created).
         components: a loaded SD1.5 model (:func:`hgdpo.models.loading.load_sd15`); without it the latent statistics
             (paper Fig. 5b) are skipped with a note.
@@ -425,7 +425,7 @@ def write_report(dataset_path: str | Path, output_dir: str | Path, components=No
         FileNotFoundError: no dataset at ``dataset_path``.
         ValueError: an unreadable dataset, or ``max_pairs`` / ``batch_size`` below their minimum.
     """
-    from hgdpo.data.dataset import open_preference_dataset
+    from hgdpo.data.readers import open_preference_dataset
 
     if max_pairs < 0 or batch_size < 1:
         raise ValueError(f"max_pairs must be >= 0 and batch_size >= 1 (got {max_pairs}, {batch_size})")

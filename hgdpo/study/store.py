@@ -650,7 +650,7 @@ def _dataset_image(root: Path, metadata: dict[str, Any], column: str, pair: int)
 
 def pairs_from_dataset(dataset_dir: str | Path) -> list[PairSpec]:
     """The checked winner/loser pairs of a triplet dataset; model A is the AI feedback's winner."""
-    from hgdpo.data.dataset import open_preference_dataset
+    from hgdpo.data.readers import open_preference_dataset
 
     dataset = open_preference_dataset(dataset_dir)
     if not len(dataset):

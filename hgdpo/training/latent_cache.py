@@ -118,7 +118,7 @@ def build_cache(
     naming the file.
     """
 
-    from hgdpo.data.dataset import CorruptImageError
+    from hgdpo.data.format import CorruptImageError
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

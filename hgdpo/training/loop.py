@@ -148,7 +148,7 @@ def train(config: TrainConfig) -> Path:
     from safetensors import SafetensorError
     from tqdm.auto import tqdm
 
-    from hgdpo.data.dataset import open_preference_dataset
+    from hgdpo.data.readers import open_preference_dataset
 
     config.validate()
     output_dir = Path(config.output_dir)
