@@ -11,8 +11,8 @@ never see results: ``/study/results`` and ``/study/votes.csv`` exist only with a
 basic auth, any user name).
 
 The study's own routes serve only the images registered in the study, by their random token, as PNG pixels
-only (PNG text, EXIF, XMP, ICC and every other ancillary chunk dropped; JPEG and WebP decoded and re-encoded
-losslessly). Every response carries ``X-Content-Type-Options: nosniff`` and may not be framed. gradio is
+only (PNG text, EXIF, XMP, ICC and every other ancillary chunk dropped; JPEG, WebP and BMP decoded and
+re-encoded losslessly). Every response carries ``X-Content-Type-Options: nosniff`` and may not be framed. gradio is
 imported lazily: it is the optional ``app`` extra.
 """
 
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from hgdpo.study.store import IMAGE_SUFFIXES, Choice, Shown, Study, check_rater, format_results
+from hgdpo.fileio import IMAGE_SUFFIXES
+from hgdpo.study.store import Choice, Shown, Study, check_rater, format_results
 
 if TYPE_CHECKING:
     from fastapi import APIRouter, FastAPI, Request, Response
@@ -112,7 +113,7 @@ def _png_pixel_chunks(data: bytes) -> bytes:
 def image_pixels_only(data: bytes) -> bytes:
     """An image as PNG bytes carrying its pixels and nothing else (the metadata could name the model).
 
-    A PNG keeps its pixel chunks as they are; a JPEG or WebP is decoded (its EXIF orientation applied) and
+    A PNG keeps its pixel chunks as they are; a JPEG, WebP or BMP is decoded (its EXIF orientation applied) and
     re-encoded as lossless PNG. Raises ``ValueError`` for bytes that are neither.
     """
     if data.startswith(PNG_SIGNATURE):
@@ -120,7 +121,7 @@ def image_pixels_only(data: bytes) -> bytes:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data), formats=("JPEG", "WEBP")) as opened:
+        with Image.open(io.BytesIO(data), formats=("JPEG", "WEBP", "BMP")) as opened:
             image = ImageOps.exif_transpose(opened)
             if image.mode not in PNG_MODES:
                 image = image.convert("RGBA" if "A" in image.mode else "RGB")
@@ -128,7 +129,7 @@ def image_pixels_only(data: bytes) -> bytes:
             buffer = io.BytesIO()
             image.save(buffer, "PNG", compress_level=1)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"not a PNG, JPEG or WebP image: {error}") from None
+        raise ValueError(f"not a PNG, JPEG or WebP image (or BMP): {error}") from None
     return _png_pixel_chunks(buffer.getvalue())
 
 

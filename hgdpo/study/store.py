@@ -45,14 +45,13 @@ from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
-from hgdpo.fileio import atomic_path, atomic_write_text
+from hgdpo.fileio import IMAGE_SUFFIXES, atomic_path, atomic_write_text, image_inside
 from hgdpo.inference.infotext import parse_parameters, read_png_parameters
 from hgdpo.evaluation.winrate import WinRate, win_rate
 
 __all__ = [
     "AI_LOSER",
     "AI_WINNER",
-    "IMAGE_SUFFIXES",
     "PairResult",
     "PairSpec",
     "Progress",
@@ -62,14 +61,13 @@ __all__ = [
     "StudyFull",
     "check_rater",
     "format_results",
-    "inside_root",
     "pairs_from_dataset",
     "pairs_from_folders",
 ]
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+KEEP_INSIDE = "keep the study's images inside it"
 AI_WINNER, AI_LOSER = "ai-winner", "ai-loser"
 RATER_PATTERN = re.compile(r"\w[\w.@+-]{0,63}")  # no leading + - @ (a formula in a spreadsheet)
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what SQLite's INTEGER holds
@@ -187,16 +185,6 @@ def check_rater(rater: str) -> str:
     if not RATER_PATTERN.fullmatch(rater):
         raise ValueError(f"Invalid rater id {rater!r}: use 1-64 letters, digits or _ . @ + -, starting with a letter")
     return rater
-
-
-def inside_root(path: str | Path, root: str | Path, what: str) -> Path:
-    """``path`` resolved (symlinks followed); refused unless it is an image file inside ``root`` (also resolved)."""
-    resolved, root = Path(path).resolve(), Path(root).resolve()
-    if not resolved.is_relative_to(root):
-        raise ValueError(f"{what}: {path} leads outside {root} (to {resolved}): keep the study's images inside it")
-    if resolved.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"{what}: {path} is not an image file ({resolved.name}): use {', '.join(IMAGE_SUFFIXES)}")
-    return resolved
 
 
 class Study:
@@ -524,13 +512,13 @@ def _win_rate(counts: dict[str, int]) -> WinRate | None:
 
 
 def _readable_image(path: Path, what: str) -> Path:
-    """``path``, refused unless Pillow reads it as a PNG, JPEG or WebP image (the server sends only those)."""
+    """``path``, refused unless Pillow reads it as a PNG, JPEG, WebP or BMP image (the server sends only those)."""
     try:
-        with Image.open(path, formats=("PNG", "JPEG", "WEBP")) as image:
+        with Image.open(path, formats=("PNG", "JPEG", "WEBP", "BMP")) as image:
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{what}: {path} is not a readable PNG, JPEG or WebP image ({error}): replace or remove it"
-                         ) from None
+        raise ValueError(f"{what}: {path} is not a readable PNG, JPEG or WebP image (or BMP) ({error}): "
+                         "replace or remove it") from None
     return path
 
 
@@ -539,8 +527,8 @@ def _images_by_name(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"No image folder {folder}")
     what = f"image folder {folder}"
-    return {path.name: _readable_image(inside_root(path, folder, what), what) for path in sorted(folder.iterdir())
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()}
+    return {path.name: _readable_image(image_inside(folder, path.name, f"{what}: {path}", keep=KEEP_INSIDE), what)
+            for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()}
 
 
 def _parse_seed(text: str | None, where: str, fix: str) -> int | None:
@@ -645,7 +633,8 @@ def _dataset_image(root: Path, metadata: dict[str, Any], column: str, pair: int)
     relative = metadata.get(column)
     if not isinstance(relative, str) or not relative.strip():
         raise ValueError(f"{where}: {column} is empty: rebuild the dataset or drop that row")
-    return _readable_image(inside_root(root / relative, root, f"{where} {column}"), f"{where} {column}")
+    path = image_inside(root, relative, f"{where} {column}: {root / relative}", "the dataset folder", KEEP_INSIDE)
+    return _readable_image(path, f"{where} {column}")
 
 
 def pairs_from_dataset(dataset_dir: str | Path) -> list[PairSpec]:
