@@ -20,58 +20,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hgdpo.feedback.scorers import DEFAULT_PICKSCORE_MODEL, DEFAULT_PICKSCORE_PROCESSOR, ScorerWeightsError
 from hgdpo.data.selection import rank_candidates
+from hgdpo.feedback import scorers
+from hgdpo.feedback.scorers import ScorerWeightsError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from hgdpo.feedback.scorers import Scorer
 
-MODEL_FOLDER = DEFAULT_PICKSCORE_MODEL.split("/")[-1]  # PickScore_v1
-PROCESSOR_FOLDER = DEFAULT_PICKSCORE_PROCESSOR.split("/")[-1]  # CLIP-ViT-H-14-laion2B-s32B-b79K
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_PROCESSOR = ("preprocessor_config.json", "processor_config.json")
-
-
-def _has_model(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in _WEIGHTS)
-
-
-def _has_processor(folder: Path) -> bool:
-    tokenizer = (folder / "tokenizer.json").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
-    )
-    return tokenizer and any((folder / name).is_file() for name in _PROCESSOR)
-
 
 def pickscore_folders(root: str | Path) -> tuple[Path, Path]:
-    """(model folder, processor folder) of PickScore under ``root``, or ScorerWeightsError saying what to fetch.
-
-    ``root`` may also be the PickScore_v1 folder itself when it holds the processor files too.
-    """
-    root = Path(root).expanduser()
-    if _has_model(root) and _has_processor(root):
-        return root, root
-    model = root / MODEL_FOLDER
-    processor = root / PROCESSOR_FOLDER
-    if _has_model(model) and (_has_processor(processor) or _has_processor(model)):
-        return model, processor if _has_processor(processor) else model
-    missing = []
-    if not _has_model(model):
-        missing.append(f"{model} (config.json and model.safetensors or pytorch_model.bin)")
-    if not _has_processor(processor) and not _has_processor(model):
-        missing.append(f"{processor} (preprocessor_config.json and the tokenizer files)")
-    raise ScorerWeightsError(
-        "Best-of-N scores the candidates with PickScore, whose files are missing: "
-        + "; ".join(missing)
-        + ". Fetch them once on a machine with internet access:\n"
-        + f"    huggingface-cli download {DEFAULT_PICKSCORE_MODEL} --local-dir {model}\n"
-        + f'    huggingface-cli download {DEFAULT_PICKSCORE_PROCESSOR} --include "*.json" "*.txt"'
-        + f" --local-dir {processor}\n"
-        + "(with huggingface_hub >= 1.0 the command is `hf download`, and --include takes one pattern each). "
-        + "Or set another folder in the HG-DPO accordion (scorer weights) or in Settings > HG-DPO."
-    )
+    """(model folder, processor folder) of PickScore under ``root`` (:func:`hgdpo.feedback.scorers.pickscore_folders`),
+    or ScorerWeightsError saying what to fetch and where to set another folder."""
+    try:
+        return scorers.pickscore_folders(root)
+    except ScorerWeightsError as error:
+        raise ScorerWeightsError(
+            f"Best-of-N scores the candidates with PickScore. {error}\nOr set another folder in the HG-DPO accordion "
+            "(scorer weights) or in Settings > HG-DPO."
+        ) from error
 
 
 class ScorerFolderError(ValueError):
@@ -107,7 +75,7 @@ def cached_scorer(root: str | Path, device: str, dtype, loader: Callable[..., Sc
     with _scorer_lock:
         if key not in _scorers:
             if loader is None:
-                from hgdpo.feedback.scorers import load_scorer as loader
+                loader = scorers.load_scorer
             _scorers.clear()
             _scorers[key] = loader("pickscore", model=str(model), processor=str(processor), device=device, dtype=dtype)
         return _scorers[key]

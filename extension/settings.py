@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from hgdpo.inference.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY
+from hgdpo.inference.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY, format_score
 
 SCRIPT_TITLE = "HG-DPO"
 LAN_SUFFIX = " (HG-DPO LAN)"
@@ -153,10 +153,6 @@ def infotext_fields(settings: Settings, lora_name: str | None, lora_hash: str | 
 def _short(value: float) -> str:
     """0.5 -> '0.5', 1.0 -> '1', 0.30000000000000004 -> '0.3'."""
     return f"{value:.4g}"
-
-
-def format_score(score: float) -> str:
-    return f"{score:.4f}"  # as trainer/sample.py writes it
 
 
 def from_infotext(params: Mapping[str, str]) -> dict[str, Any]:

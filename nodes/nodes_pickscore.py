@@ -18,14 +18,17 @@ import os
 
 import folder_paths
 
+from hgdpo.feedback.scorers import PICKSCORE_WEIGHTS
+from hgdpo.inference.infotext import format_score
+
 from .comfy_internals import io, load_fully, managed_model, require, scorer_devices, ui
 
 CATEGORY = "HG-DPO"
 FOLDER = "pickscore"
-MODEL_HUB_ID = "yuvalkirstain/PickScore_v1"
-PROCESSOR_HUB_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-MODEL_FOLDER = "PickScore_v1"
-PROCESSOR_FOLDER = "CLIP-ViT-H-14-laion2B-s32B-b79K"
+MODEL_HUB_ID = PICKSCORE_WEIGHTS.model_repo
+PROCESSOR_HUB_ID = PICKSCORE_WEIGHTS.processor_repo
+MODEL_FOLDER = os.path.basename(PICKSCORE_WEIGHTS.model_dir)
+PROCESSOR_FOLDER = os.path.basename(PICKSCORE_WEIGHTS.processor_dir)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 # models/pickscore, after any folder extra_model_paths.yaml gave for "pickscore"
@@ -68,21 +71,12 @@ def missing_weights_message(error: Exception) -> str:
     """The scorer's complaint (first line) plus where ComfyUI looks and how to fetch the files."""
     folder = pickscore_folders()[0]
     problem = str(error).splitlines()[0]
-
-    def commands(repo: str, name: str, patterns: str = "") -> str:
-        target = os.path.join(folder, name)
-        legacy = f' --include {" ".join(patterns.split())}' if patterns else ""
-        current = "".join(f" --include {pattern}" for pattern in patterns.split())
-        return (f"    huggingface-cli download {repo}{legacy} --local-dir {target}\n"
-                f"    (huggingface_hub >= 1.0: hf download {repo}{current} --local-dir {target})")
-
     return "\n".join([
         problem,
         "",
         f"ComfyUI looks for PickScore in its models/pickscore folder: {folder}",
         "Fetch the model and its processor once, on a machine with internet access:",
-        commands(MODEL_HUB_ID, MODEL_FOLDER),
-        commands(PROCESSOR_HUB_ID, PROCESSOR_FOLDER, '"*.json" "*.txt"'),
+        PICKSCORE_WEIGHTS.under(folder).fetch_commands(),
         "then run the workflow again: the loader's default hub ids use these folders when they exist.",
     ])
 
@@ -177,6 +171,6 @@ class PickScoreBestOfN(io.ComfyNode):
         ranked = rank_candidates(pickscore, prompt, [Image.fromarray(frame) for frame in pixels])
         order = [candidate.index for candidate in ranked]
         scores = [candidate.score for candidate in ranked]
-        report = "\n".join(f"#{rank + 1}: image {candidate.index} PickScore {candidate.score:.4f}"
+        report = "\n".join(f"#{rank + 1}: image {candidate.index} PickScore {format_score(candidate.score)}"
                            for rank, candidate in enumerate(ranked))
         return io.NodeOutput(images[order[0]: order[0] + 1], images[order], scores, ui=ui.PreviewText(report))

@@ -22,7 +22,7 @@ PROMPTS = ["a portrait of a woman <script>alert(1)</script>", "a man riding a bi
 
 
 def test_score_gap_stats_match_numpy():
-    from hgdpo.evaluation.dataset_report import score_gap_stats
+    from hgdpo.evaluation.statistics import score_gap_stats
 
     gaps = np.array([0.5, 2.0, -1.0, 3.5, 0.0, 1.25, 7.0])
     stats = score_gap_stats(gaps)
@@ -42,7 +42,7 @@ def test_score_gap_stats_match_numpy():
 
 
 def test_channel_stats_and_distance_on_hand_made_latents():
-    from hgdpo.evaluation.dataset_report import channel_stats, rank_distance_curve, stat_distance
+    from hgdpo.evaluation.statistics import channel_stats, rank_distance_curve, stat_distance
 
     rng = np.random.default_rng(0)
     base = rng.normal(size=(1, 4, 8, 8))
@@ -77,7 +77,7 @@ def test_channel_stats_and_distance_on_hand_made_latents():
 
 
 def test_render_contact_sheet_grid():
-    from hgdpo.evaluation.dataset_report import ContactRow, render_contact_sheet
+    from hgdpo.evaluation.figures import ContactRow, render_contact_sheet
 
     rows = [ContactRow("p" * 300, Image.new("RGB", (64, 32), "red"), Image.new("RGB", (16, 16), "blue"), 1.5, None)
             for _ in range(3)]

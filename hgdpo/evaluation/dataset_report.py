@@ -10,8 +10,7 @@
 * ``contact_sheet.html`` (thumbnails under ``thumbs/``) and ``contact_sheet.png`` (winner | loser rows);
 * ``report.json`` (every figure, machine-readable) and ``report.md`` (a human summary).
 
-The statistics helpers (:func:`score_gap_stats`, :func:`channel_stats`, :func:`stat_distance`,
-:func:`rank_distance_curve`) are pure numpy and can be used on their own.
+The statistics are :mod:`hgdpo.evaluation.statistics`'s, the pictures :mod:`hgdpo.evaluation.figures`'s.
 """
 
 from __future__ import annotations
@@ -19,127 +18,29 @@ from __future__ import annotations
 import html
 import json
 import logging
-import math
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from hgdpo.data.format import resolve_dataset_path
+from hgdpo.evaluation.figures import (
+    THUMB_SIZE,
+    ContactRow,
+    fit_thumbnail,
+    format_value,
+    new_figure,
+    relative_link,
+    render_contact_sheet,
+)
+from hgdpo.evaluation.statistics import channel_stats, rank_distance_curve, score_gap_stats, stat_distance
 
-__all__ = [
-    "QUANTILES",
-    "ContactRow",
-    "channel_stats",
-    "encode_channel_stats",
-    "rank_distance_curve",
-    "read_kept_pools",
-    "render_contact_sheet",
-    "score_gap_stats",
-    "stat_distance",
-    "write_report",
-]
+__all__ = ["KeptPool", "encode_channel_stats", "read_kept_pools", "write_report"]
 
 logger = logging.getLogger(__name__)
-
-QUANTILES: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
-THUMB_SIZE = 192
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def score_gap_stats(values: Sequence[float] | np.ndarray, quantiles: Sequence[float] = QUANTILES) -> dict[str, Any]:
-    """Summary of a 1-D sample (e.g. winner-minus-loser score gaps): count, mean, std, min, median, max, quantiles.
-
-    ``std`` is the population standard deviation (``ddof=0``). Non-finite values are dropped (and counted
-    in ``num_non_finite``); an empty sample gives ``None`` for every statistic. ``num_non_positive`` counts
-    values <= 0 (for gaps: pairs whose "winner" does not score higher).
-    """
-    array = np.asarray(values, dtype=np.float64).reshape(-1)
-    finite = array[np.isfinite(array)]
-    result: dict[str, Any] = {"count": int(finite.size), "num_non_finite": int(array.size - finite.size)}
-    if finite.size == 0:
-        result.update(mean=None, std=None, min=None, median=None, max=None, num_non_positive=0,
-                      quantiles={_q_key(q): None for q in quantiles})
-        return result
-    result.update(
-        mean=float(finite.mean()), std=float(finite.std()), min=float(finite.min()),
-        median=float(np.median(finite)), max=float(finite.max()), num_non_positive=int((finite <= 0).sum()),
-        quantiles={_q_key(q): float(np.quantile(finite, q)) for q in quantiles},
-    )
-    return result
-
-
-def _q_key(q: float) -> str:
-    return f"q{round(q * 100):02d}"
-
-
-def channel_stats(latents: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image channel-wise mean and std of latents ``[N, C, H, W]`` over (H, W): two ``[N, C]`` arrays.
-
-    These are the latent statistics the HG-DPO paper compares across score ranks (Fig. 5b). ``std`` is the
-    population standard deviation. Accepts numpy arrays or torch tensors (computed in float64).
-    """
-    if hasattr(latents, "detach"):  # a torch tensor
-        latents = latents.detach().to("cpu").double().numpy()
-    array = np.asarray(latents, dtype=np.float64)
-    if array.ndim != 4:
-        raise ValueError(f"expected latents of shape [N, C, H, W], got {array.shape}")
-    flat = array.reshape(array.shape[0], array.shape[1], -1)
-    return flat.mean(axis=2), flat.std(axis=2)
-
-
-def stat_distance(mean_a: np.ndarray, std_a: np.ndarray, mean_b: np.ndarray,
-                  std_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """L2 distance over channels (last axis) between two images' channel means and between their stds.
-
-    Inputs broadcast (e.g. ``[C]`` against ``[N, C]``); returns ``(mean_distance, std_distance)`` with the
-    channel axis reduced.
-    """
-    mean_distance = np.linalg.norm(np.asarray(mean_a, np.float64) - np.asarray(mean_b, np.float64), axis=-1)
-    std_distance = np.linalg.norm(np.asarray(std_a, np.float64) - np.asarray(std_b, np.float64), axis=-1)
-    return mean_distance, std_distance
-
-
-def rank_distance_curve(pools: Sequence[tuple[Sequence[float], np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    """The paper's Fig. 5b curve: distance of the best image's latent statistics to the n-th ranked image's.
-
-    Args:
-        pools: per prompt ``(scores[N], mean[N, C], std[N, C])`` for its whole pool, in any order.
-
-    Returns ``{"ranks": [2..N_max], "mean_distance": [...], "std_distance": [...], "num_prompts": [...],
-    "mean_score": [1..N_max scores averaged over prompts]}``: pools are ranked by descending score (ties
-    keep pool order) and the distances of rank n are averaged over the prompts whose pool has rank n.
-    """
-    longest = max((len(scores) for scores, _, _ in pools), default=0)
-    sums_mean = np.zeros(longest)
-    sums_std = np.zeros(longest)
-    counts = np.zeros(longest, dtype=np.int64)
-    score_sums = np.zeros(longest)
-    for scores, means, stds in pools:
-        scores = np.asarray(scores, dtype=np.float64)
-        order = np.argsort(-scores, kind="stable")
-        means, stds = np.asarray(means)[order], np.asarray(stds)[order]
-        d_mean, d_std = stat_distance(means[0], stds[0], means, stds)
-        n = len(scores)
-        sums_mean[:n] += d_mean
-        sums_std[:n] += d_std
-        counts[:n] += 1
-        score_sums[:n] += scores[order]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        avg_mean, avg_std, avg_score = sums_mean / counts, sums_std / counts, score_sums / counts
-    return {
-        "ranks": list(range(2, longest + 1)),
-        "mean_distance": [float(v) for v in avg_mean[1:]],
-        "std_distance": [float(v) for v in avg_std[1:]],
-        "num_prompts": [int(v) for v in counts[1:]],
-        "mean_score": [float(v) for v in avg_score],
-    }
 
 
 # --------------------------------------------------------------------------- latents
@@ -223,56 +124,6 @@ def read_kept_pools(dataset_dir: str | Path) -> list[KeptPool]:
 # --------------------------------------------------------------------------- pictures
 
 
-@dataclass
-class ContactRow:
-    """One row of the contact sheet: a pair's prompt, (thumbnail) images and scores."""
-
-    prompt: str
-    win: Image.Image
-    lose: Image.Image
-    win_score: float | None = None
-    lose_score: float | None = None
-
-
-def _fit(image: Image.Image, size: int) -> Image.Image:
-    thumb = image.convert("RGB")
-    thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return thumb
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4g}"
-
-
-def render_contact_sheet(rows: Sequence[ContactRow], cell: int = THUMB_SIZE,
-                         labels: tuple[str, str] = ("win", "lose")) -> Image.Image:
-    """A grid image, one pair per row: winner | loser, each labelled with its score, and the prompt above.
-
-    ``labels`` name the two columns (e.g. ``("baseline", "candidate")`` for a model comparison).
-    """
-    font = ImageFont.load_default()
-    text_h, pad = 14, 4
-    row_h = text_h + cell + text_h + 2 * pad
-    width = 2 * cell + 3 * pad
-    sheet = Image.new("RGB", (width, max(1, len(rows)) * row_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    max_chars = max(8, width // 6)
-    if not rows:
-        draw.text((pad, pad), "no pairs", fill="black", font=font)
-    for r, row in enumerate(rows):
-        top = r * row_h
-        prompt = row.prompt if len(row.prompt) <= max_chars else row.prompt[: max_chars - 3] + "..."
-        draw.text((pad, top + pad), f"{r}: {prompt}", fill="black", font=font)
-        for c, (label, image, score) in enumerate(((labels[0], row.win, row.win_score),
-                                                   (labels[1], row.lose, row.lose_score))):
-            left = pad + c * (cell + pad)
-            thumb = _fit(image, cell)
-            sheet.paste(thumb, (left + (cell - thumb.width) // 2, top + pad + text_h + (cell - thumb.height) // 2))
-            draw.text((left, top + pad + text_h + cell + 1), f"{label} {_fmt(score)}",
-                      fill=(0, 110, 0) if c == 0 else (170, 0, 0), font=font)
-        draw.line([(0, top + row_h - 1), (width, top + row_h - 1)], fill=(200, 200, 200))
-    return sheet
-
 
 def _contact_html(entries: Sequence[dict[str, Any]], dataset_path: str) -> str:
     esc = html.escape
@@ -289,23 +140,15 @@ def _contact_html(entries: Sequence[dict[str, Any]], dataset_path: str) -> str:
             img = f'<img src="{esc(e[key + "_thumb"], quote=True)}" alt="{key}">'
             if e.get(key + "_link"):
                 img = f'<a href="{esc(e[key + "_link"], quote=True)}">{img}</a>'
-            cells.append(f'<td class="{key}">{img}<br>{key} score {esc(_fmt(e[key + "_score"]))}</td>')
+            cells.append(f'<td class="{key}">{img}<br>{key} score {esc(format_value(e[key + "_score"]))}</td>')
         lines.append(f"<tr><td>{e['index']}</td><td>{esc(e['prompt'])}</td>{''.join(cells)}</tr>")
     lines += ["</table></body></html>", ""]
     return "\n".join(lines)
 
 
-def _new_figure(width: float = 6.4, height: float = 4.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)  # Agg: no display needed; pyplot's global state is never touched
-    return figure
-
 
 def _plot_scores(path: Path, gaps: np.ndarray, wins: np.ndarray, loses: np.ndarray) -> None:
-    figure = _new_figure(10, 4)
+    figure = new_figure(10, 4)
     left, right = figure.subplots(1, 2)
     bins = max(5, min(50, int(np.sqrt(max(1, gaps.size))) * 2))
     left.hist(gaps, bins=bins, color="#4477aa")
@@ -318,7 +161,7 @@ def _plot_scores(path: Path, gaps: np.ndarray, wins: np.ndarray, loses: np.ndarr
 
 
 def _plot_rank_curve(path: Path, curve: dict[str, Any] | None, pair_distance: dict[str, Any]) -> None:
-    figure = _new_figure(7, 4)
+    figure = new_figure(7, 4)
     axis = figure.subplots()
     if curve and curve["ranks"]:
         axis.plot(curve["ranks"], curve["mean_distance"], "o-", label="channel mean")
@@ -397,12 +240,6 @@ def _latent_section(dataset, components, *, batch_size: int, resolution: int | N
         section["rank_curve"] = rank_distance_curve(per_pool)
     return section
 
-
-def _relative_link(target: Path, base: Path) -> str | None:
-    try:
-        return Path(os.path.relpath(target.resolve(), base.resolve())).as_posix()
-    except ValueError:  # another drive on Windows
-        return None
 
 
 def write_report(dataset_path: str | Path, output_dir: str | Path, components=None, max_pairs: int = 16, *,
@@ -484,13 +321,13 @@ def write_report(dataset_path: str | Path, output_dir: str | Path, components=No
                                  "lose_score": meta.get("lose_score")}
         thumbs = []
         for key, image in (("win", win), ("lose", lose)):
-            thumb = _fit(image, THUMB_SIZE)
+            thumb = fit_thumbnail(image, THUMB_SIZE)
             name = f"thumbs/{i:05d}_{key}.png"
             thumb.save(out / name)
             thumbs.append(thumb)
             entry[f"{key}_thumb"] = name
             rel = meta.get(f"{key}_image")
-            entry[f"{key}_link"] = _relative_link(dataset.root / rel, out) if rel and hasattr(dataset, "root") else None
+            entry[f"{key}_link"] = relative_link(dataset.root / rel, out) if rel and hasattr(dataset, "root") else None
         del win, lose
         entries.append(entry)
         rows.append(ContactRow(entry["prompt"], thumbs[0], thumbs[1], entry["win_score"], entry["lose_score"]))
@@ -514,7 +351,7 @@ def _stats_row(name: str, stats: dict[str, Any]) -> str:
     q = stats["quantiles"]
     cells = [stats["count"], stats["mean"], stats["std"], stats["min"], q.get("q05"), q.get("q25"), stats["median"],
              q.get("q75"), q.get("q95"), stats["max"]]
-    return f"| {name} | " + " | ".join(str(c) if isinstance(c, int) else _fmt(c) for c in cells) + " |"
+    return f"| {name} | " + " | ".join(str(c) if isinstance(c, int) else format_value(c) for c in cells) + " |"
 
 
 _STATS_HEADER = ("| | count | mean | std | min | q05 | q25 | median | q75 | q95 | max |\n"
@@ -552,8 +389,8 @@ def _markdown(report: dict[str, Any]) -> str:
                       "ranked image, averaged over prompts:", "",
                       "| rank n | mean score | mean distance | std distance | prompts |", "|---|---|---|---|---|"]
             for k, rank in enumerate(curve["ranks"]):
-                lines.append(f"| {rank} | {_fmt(curve['mean_score'][k + 1])} | {_fmt(curve['mean_distance'][k])} | "
-                             f"{_fmt(curve['std_distance'][k])} | {curve['num_prompts'][k]} |")
+                lines.append(f"| {rank} | {format_value(curve['mean_score'][k + 1])} | {format_value(curve['mean_distance'][k])} | "
+                             f"{format_value(curve['std_distance'][k])} | {curve['num_prompts'][k]} |")
             lines.append("")
         lines += ["![latent statistic distance](latent_stat_distance.png)", ""]
     c = report["contact_sheet"]

@@ -10,7 +10,7 @@ the baseline and the candidate each generate one image from the same prompt and 
   baseline in percent (:mod:`hgdpo.evaluation.colorshift`);
 * **latent statistics** (Fig. 5b's statistic): the channel-wise mean / std of each image's final
   latent, and the L2 distance of these statistics between the two images of a pair
-  (:func:`hgdpo.evaluation.dataset_report.stat_distance`).
+  (:func:`hgdpo.evaluation.statistics.stat_distance`).
 
 Images are cached on disk, one PNG per (model configuration, prompt, seed) under
 ``<image cache>/<model digest>/``; the digest covers the checkpoint, the LoRA file's hash, its weight,
@@ -274,7 +274,7 @@ def generate_missing(spec: ModelSpec, cache: ImageCache, pairs: Sequence[tuple[s
     """
     from tqdm.auto import tqdm
 
-    from hgdpo.evaluation.dataset_report import channel_stats
+    from hgdpo.evaluation.statistics import channel_stats
 
     missing = [(prompt, seed) for prompt, seed in pairs if not cache.has(prompt, seed)]
     if not missing:
@@ -312,7 +312,7 @@ def score_cached(scorer: Scorer, cache: ImageCache, pairs: Sequence[tuple[str, i
 def metric_result(metric: MetricSpec, baseline: np.ndarray, candidate: np.ndarray, tie_tolerance: float,
                   resamples: int) -> dict[str, Any]:
     """Means, the candidate's win rate with its bootstrap interval (Tables 1, 3, 5, 6), and the score differences."""
-    from hgdpo.evaluation.dataset_report import score_gap_stats
+    from hgdpo.evaluation.statistics import score_gap_stats
     from hgdpo.evaluation.winrate import outcomes_from_scores, win_rate
 
     outcomes = outcomes_from_scores(candidate, baseline, tie_tolerance)
@@ -342,7 +342,7 @@ def measure_images(cache: ImageCache, pairs: Sequence[tuple[str, int]]) -> tuple
 
 def latent_section(stats: dict[str, tuple[np.ndarray, np.ndarray]], baseline: str, candidate: str) -> dict[str, Any]:
     """Channel-wise latent mean / std per model, and their L2 distance between the two images of each pair."""
-    from hgdpo.evaluation.dataset_report import score_gap_stats, stat_distance
+    from hgdpo.evaluation.statistics import score_gap_stats, stat_distance
 
     (mean_b, std_b), (mean_c, std_c) = stats[baseline], stats[candidate]
     mean_distance, std_distance = stat_distance(mean_b, std_b, mean_c, std_c)
@@ -369,11 +369,11 @@ def _resolve_device(config: EvaluationConfig) -> tuple[torch.device, torch.dtype
 
 def _check_metric_sources(metrics: Sequence[MetricSpec]) -> None:
     """Fail before generating when a metric's weights were given as a local path that does not exist."""
-    from hgdpo.feedback.scorers import _is_local
+    from hgdpo.feedback.base import is_local
 
     for metric in metrics:
         for what, source in (("model", metric.model), ("processor", metric.processor)):
-            if source and _is_local(source) and not Path(source).expanduser().exists():
+            if source and is_local(source) and not Path(source).expanduser().exists():
                 raise FileNotFoundError(f"Metric {metric.name}: {what} {source} not found.")
 
 

@@ -18,18 +18,31 @@ import html
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from hgdpo.evaluation.colorshift import CHANNELS
+from hgdpo.evaluation.figures import (
+    THUMB_SIZE,
+    ContactRow,
+    fit_thumbnail,
+    format_value,
+    new_figure,
+    relative_link,
+    render_contact_sheet,
+)
 from hgdpo.fileio import atomic_write_text
-from hgdpo.evaluation.dataset_report import THUMB_SIZE, ContactRow, _fit, _fmt, _new_figure, _relative_link, render_contact_sheet
-
-if TYPE_CHECKING:
-    from hgdpo.evaluation.evaluate import ImageCache
 
 Table = tuple[list[str], list[list[str]]]
+
+
+class ImageSource(Protocol):
+    """Where the report finds a model's image of a (prompt, seed): :class:`hgdpo.evaluation.evaluate.ImageCache`."""
+
+    def load(self, prompt: str, seed: int) -> Any:
+        """The cached image of ``(prompt, seed)``; its ``image`` attribute is the PIL image."""
+        ...
 
 
 # --------------------------------------------------------------------------- tables (shared by Markdown and HTML)
@@ -59,8 +72,8 @@ def mean_score_table(report: Mapping[str, Any]) -> Table:
     rows = []
     for metric in report["metrics"].values():
         rate = metric["win_rate"]
-        rows.append([metric["label"], _fmt(metric["baseline_mean"]), _fmt(metric["candidate_mean"]),
-                     _fmt(metric["difference"]["mean"]), str(rate["wins"]), str(rate["ties"]), str(rate["losses"]),
+        rows.append([metric["label"], format_value(metric["baseline_mean"]), format_value(metric["candidate_mean"]),
+                     format_value(metric["difference"]["mean"]), str(rate["wins"]), str(rate["ties"]), str(rate["losses"]),
                      str(rate["count"])])
     return header, rows
 
@@ -81,7 +94,7 @@ def latent_table(report: Mapping[str, Any]) -> Table:
     section = report["latent_statistics"]
     channels = section["latent_channels"]
     header = ["model", *(f"mean c{c}" for c in range(channels)), *(f"std c{c}" for c in range(channels))]
-    rows = [[label, *(_fmt(v) for v in stats["channel_mean"]), *(_fmt(v) for v in stats["channel_std"])]
+    rows = [[label, *(format_value(v) for v in stats["channel_mean"]), *(format_value(v) for v in stats["channel_std"])]
             for label, stats in section["models"].items()]
     return header, rows
 
@@ -90,7 +103,7 @@ def distance_table(report: Mapping[str, Any]) -> Table:
     """The L2 distance over channels between the latent statistics of the two images of each pair."""
     header = ["pair distance of the", "count", "mean", "std", "min", "median", "max"]
     keys = ("mean", "std", "min", "median", "max")
-    rows = [[f"channel {name}", str(stats["count"]), *(_fmt(stats[key]) for key in keys)]
+    rows = [[f"channel {name}", str(stats["count"]), *(format_value(stats[key]) for key in keys)]
             for name, stats in (("mean", report["latent_statistics"]["pair_distance"]["mean_distance"]),
                                 ("std", report["latent_statistics"]["pair_distance"]["std_distance"]))]
     return header, rows
@@ -114,7 +127,7 @@ def _html_table(table: Table) -> str:
 
 def _plot_win_rates(path: Path, report: Mapping[str, Any]) -> None:
     metrics = list(report["metrics"].values())
-    figure = _new_figure(max(4.0, 1.3 * len(metrics) + 2), 4)
+    figure = new_figure(max(4.0, 1.3 * len(metrics) + 2), 4)
     axis = figure.subplots()
     rates = np.array([m["win_rate"]["rate"] for m in metrics]) * 100
     errors = np.array([[m["win_rate"]["rate"] - m["win_rate"]["low"], m["win_rate"]["high"] - m["win_rate"]["rate"]]
@@ -129,7 +142,7 @@ def _plot_win_rates(path: Path, report: Mapping[str, Any]) -> None:
 
 def _plot_differences(path: Path, report: Mapping[str, Any]) -> None:
     names = list(report["metrics"])
-    figure = _new_figure(3.2 * len(names) + 0.5, 3.4)
+    figure = new_figure(3.2 * len(names) + 0.5, 3.4)
     axes = np.atleast_1d(figure.subplots(1, len(names)))
     baseline, candidate = report["baseline"], report["candidate"]
     for axis, name in zip(axes, names):
@@ -142,7 +155,7 @@ def _plot_differences(path: Path, report: Mapping[str, Any]) -> None:
 
 
 def _plot_colour(path: Path, report: Mapping[str, Any]) -> None:
-    figure = _new_figure(6, 3.6)
+    figure = new_figure(6, 3.6)
     axis = figure.subplots()
     candidate = report["colour_shift"][report["candidate"]]
     values = [candidate[f"{name}_change_percent"] or 0.0 for name in CHANNELS]
@@ -156,7 +169,7 @@ def _plot_colour(path: Path, report: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- image grid
 
 
-def _write_grid(report: dict[str, Any], out: Path, caches: Mapping[str, ImageCache],
+def _write_grid(report: dict[str, Any], out: Path, caches: Mapping[str, ImageSource],
                 count: int) -> list[dict[str, Any]]:
     """Thumbnails of the first ``count`` pairs, ``image_grid.png``, and the HTML grid's entries."""
     baseline, candidate = report["baseline"], report["candidate"]
@@ -166,10 +179,10 @@ def _write_grid(report: dict[str, Any], out: Path, caches: Mapping[str, ImageCac
     for index, pair in enumerate(report["pairs"][:count]):
         thumbs, entry = {}, {"index": index, "prompt": pair["prompt"], "seed": pair["seed"], "scores": pair["scores"]}
         for label in (baseline, candidate):
-            thumbs[label] = _fit(caches[label].load(pair["prompt"], pair["seed"]).image, THUMB_SIZE)
+            thumbs[label] = fit_thumbnail(caches[label].load(pair["prompt"], pair["seed"]).image, THUMB_SIZE)
             entry[f"{label}_thumb"] = f"thumbs/{index:05d}_{label}.png"
             thumbs[label].save(out / entry[f"{label}_thumb"])
-            entry[f"{label}_link"] = _relative_link(Path(pair[f"{label}_image"]), out)
+            entry[f"{label}_link"] = relative_link(Path(pair[f"{label}_image"]), out)
         entries.append(entry)
         rows.append(ContactRow(f"seed {pair['seed']}: {pair['prompt']}", thumbs[baseline], thumbs[candidate],
                                pair["scores"][first][baseline], pair["scores"][first][candidate]))
@@ -191,7 +204,7 @@ def _grid_html(report: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) 
             if entry.get(f"{label}_link"):
                 image = f'<a href="{esc(entry[f"{label}_link"], quote=True)}">{image}</a>'
             cells.append(f"<td>{image}</td>")
-        scores = "<br>".join(f"{esc(metric_labels[name])}: " + " | ".join(_fmt(values[label]) for label in labels)
+        scores = "<br>".join(f"{esc(metric_labels[name])}: " + " | ".join(format_value(values[label]) for label in labels)
                              for name, values in entry["scores"].items())
         lines.append(f"<tr><td>{entry['index']}</td><td>{esc(entry['prompt'])}<br>seed {entry['seed']}</td>"
                      f"{''.join(cells)}<td>{scores}</td></tr>")
@@ -260,7 +273,7 @@ def _html(report: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> st
     return "\n".join(parts)
 
 
-def write_evaluation_report(report: dict[str, Any], output_dir: str | Path, caches: Mapping[str, ImageCache],
+def write_evaluation_report(report: dict[str, Any], output_dir: str | Path, caches: Mapping[str, ImageSource],
                             grid_pairs: int = 16) -> None:
     """Write ``report.json``, ``report.md``, ``report.html``, the plots and the image grid into ``output_dir``."""
     out = Path(output_dir).expanduser()

@@ -31,7 +31,7 @@ as its reference implementation computes it, with weights from a local file or f
   dtype's minimum); both give those positions an attention weight of exactly 0 in float32.
 
 Checkpoints are read with ``torch.load(weights_only=True)``. A missing file, or a hub id that cannot be
-fetched, raises :class:`~hgdpo.feedback.scorers.ScorerWeightsError` naming the expected files and the download
+fetched, raises :class:`~hgdpo.feedback.base.ScorerWeightsError` naming the expected files and the download
 commands; a file of another architecture raises ``ValueError`` naming the missing and unexpected keys.
 """
 
@@ -46,19 +46,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hgdpo.safe_load import load_pickle
-from hgdpo.feedback.scorers import (
+from hgdpo.feedback.base import (
     DEFAULT_CLIP_MODEL,
+    CLIPEmbedder,
     ScorerWeightsError,
-    _check_batch_size,
-    _check_pairs,
-    _CLIPEmbedder,
-    _download_help,
-    _is_local,
-    _load_clip,
-    _projected,
-    _WeightsSpec,
+    WeightsSpec,
+    check_batch_size,
+    check_pairs,
+    download_help,
+    is_local,
+    load_clip,
+    projected,
 )
+from hgdpo.safe_load import load_pickle
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -155,7 +155,7 @@ def _file_error(scorer: str, metric: str, source: Any, problem: str, expected: s
         f"{scorer}: cannot load the checkpoint from {str(source)!r}: {problem}", "",
         f"Expected: {expected}", "",
         "Fetch it once on a machine with internet access:",
-        _download_help(repo, folder, "--include", (filename,)),
+        download_help(repo, folder, "--include", (filename,)),
         *extra, "",
         (f"then point hgdpo at it: model={folder + '/' + filename!r} "
          f"(trainer/evaluate.py: --metric-model {metric}={folder}/{filename})."),
@@ -171,7 +171,7 @@ def resolve_weights_file(source: str | Path | None, filenames: Sequence[str], de
     ``filenames`` that the repo has); offline or unknown, ``error(source, reason)`` is raised.
     """
     source = default_repo if source is None else source
-    if _is_local(source):
+    if is_local(source):
         path = Path(source).expanduser()
         if path.is_file():
             return path
@@ -226,7 +226,7 @@ def _load_exactly(module: nn.Module, state_dict: Mapping[str, torch.Tensor], wha
 
 
 def _batches(prompts: Sequence[str], images: Sequence[Image], batch_size: int):
-    _check_pairs(prompts, images)
+    check_pairs(prompts, images)
     for start in range(0, len(images), batch_size):
         yield start, list(prompts[start:start + batch_size]), list(images[start:start + batch_size])
 
@@ -266,7 +266,7 @@ class HPSv2Scorer:
 
         if version not in HPS_FILES:
             raise ValueError(f"HPS version {version!r}: use one of {sorted(HPS_FILES)}.")
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self.device, self.dtype = torch.device(device), dtype
         config = open_clip.get_model_config(architecture) if isinstance(architecture, str) else dict(architecture)
         if config is None:
@@ -303,7 +303,7 @@ def _aesthetic_error(source: Any, problem: str) -> ScorerWeightsError:
                        "models/aesthetic", extra=(f"    or: wget -P models/aesthetic {AESTHETIC_URL}",))
 
 
-class AestheticScorer(_CLIPEmbedder):
+class AestheticScorer(CLIPEmbedder):
     """LAION aesthetic predictor v2: the MLP on the L2-normalised CLIP ViT-L/14 image embedding (the prompt is unused).
 
     Args:
@@ -319,13 +319,13 @@ class AestheticScorer(_CLIPEmbedder):
 
     def __init__(self, model: str | Path | None = None, processor: str | Path = DEFAULT_CLIP_MODEL,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 16):
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         path = resolve_weights_file(model, AESTHETIC_FILES, AESTHETIC_REPO, _aesthetic_error)
         state_dict = _load_state_dict(path)
-        spec = _WeightsSpec("LAION aesthetic (CLIP ViT-L/14)", DEFAULT_CLIP_MODEL, "models/clip/clip-vit-large-patch14",
+        spec = WeightsSpec("LAION aesthetic (CLIP ViT-L/14)", DEFAULT_CLIP_MODEL, "models/clip/clip-vit-large-patch14",
                             DEFAULT_CLIP_MODEL, "models/clip/clip-vit-large-patch14",
                             model_filter=("--exclude", ("*.h5", "*.msgpack")))
-        clip_model, clip_processor = _load_clip(processor, processor, dtype, spec)
+        clip_model, clip_processor = load_clip(processor, processor, dtype, spec)
         super().__init__(clip_model, clip_processor, device, dtype, batch_size)
         width = int(clip_model.config.projection_dim)
         self.mlp = RewardMLP(width)
@@ -337,7 +337,7 @@ class AestheticScorer(_CLIPEmbedder):
     def embed_images(self, images: Sequence[Image]) -> torch.Tensor:
         """L2-normalised CLIP image embeddings ``[n, 768]`` after OpenAI CLIP's own ``preprocess``."""
         pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device, self.dtype)
-        features = _projected(self.model.get_image_features(pixel_values=pixels)).float()
+        features = projected(self.model.get_image_features(pixel_values=pixels)).float()
         return features / features.norm(dim=-1, keepdim=True)
 
     @torch.inference_mode()
@@ -397,13 +397,13 @@ def _bert_tokenizer(source: str | Path):
         f"ImageReward: cannot load the bert-base-uncased tokenizer from {str(source)!r}.", "",
         "Expected: a folder with tokenizer.json or vocab.txt (+ tokenizer_config.json), or a hub id.",
         "Fetch it once on a machine with internet access:",
-        _download_help(IMAGEREWARD_TOKENIZER, folder, "--include", ("*.json", "*.txt")), "",
+        download_help(IMAGEREWARD_TOKENIZER, folder, "--include", ("*.json", "*.txt")), "",
         f"then point hgdpo at it: processor={folder!r} (trainer/evaluate.py: --metric-processor imagereward={folder}).",
     ])
-    if _is_local(source) and not Path(source).expanduser().is_dir():
+    if is_local(source) and not Path(source).expanduser().is_dir():
         raise ScorerWeightsError(help_text)
     try:
-        tokenizer = BertTokenizer.from_pretrained(str(Path(source).expanduser()) if _is_local(source) else str(source))
+        tokenizer = BertTokenizer.from_pretrained(str(Path(source).expanduser()) if is_local(source) else str(source))
     except (OSError, ValueError) as failure:
         raise ScorerWeightsError(help_text) from failure
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
@@ -430,7 +430,7 @@ class ImageRewardScorer:
         from accelerate import init_empty_weights
         from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self.device, self.dtype = torch.device(device), dtype
         path = resolve_weights_file(model, (IMAGEREWARD_FILE,), IMAGEREWARD_REPO, _imagereward_error)
         self.tokenizer = _bert_tokenizer(processor)

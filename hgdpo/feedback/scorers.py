@@ -19,9 +19,10 @@ Built in:
   blindness to fine anatomy (malformed fingers, extra limbs) as the main limitation of its feedback;
   a plug-in lets users bring a hand- or anatomy-aware scorer (or an ensemble) without touching hgdpo.
 
-Weights are never downloaded behind the user's back in offline setups: a local folder that lacks
-files, or a hub id that cannot be fetched, raises :class:`ScorerWeightsError` naming the folder
-contents expected and the ``huggingface-cli download`` / ``hf download`` commands that fetch them.
+Weights are never downloaded behind the user's back in offline setups: a missing file raises
+:class:`~hgdpo.feedback.base.ScorerWeightsError` naming the files expected and the commands that fetch
+them. The interface, the checks and the CLIP loader the scorers share live in :mod:`hgdpo.feedback.base`;
+this module re-exports :class:`Scorer` and :class:`ScorerWeightsError`, the names callers use.
 
 This module is part of the core library: it imports neither ComfyUI nor the WebUI.
 """
@@ -33,279 +34,79 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hgdpo.feedback.base import (
+    DEFAULT_CLIP_MODEL,
+    CLIPEmbedder,
+    Scorer,
+    ScorerWeightsError,
+    WeightsSpec,
+    check_batch_size,
+    check_pairs,
+    default_processor,
+    load_clip,
+    missing_model_files,
+    missing_processor_files,
+)
+
 if TYPE_CHECKING:
     from PIL.Image import Image
+
+__all__ = [
+    "DEFAULT_PICKSCORE_MODEL",
+    "DEFAULT_PICKSCORE_PROCESSOR",
+    "PICKSCORE_WEIGHTS",
+    "CLIPScoreScorer",
+    "FunctionScorer",
+    "PickScoreScorer",
+    "Scorer",
+    "ScorerWeightsError",
+    "load_scorer",
+    "pickscore_folders",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
-MAX_TEXT_LENGTH = 77
-MODEL_FLAG = "--scorer-model"
-"""Command-line option through which hgdpo's tools take a scorer's model folder or hub id."""
-PROCESSOR_FLAG = "--scorer-processor"
-"""Command-line option through which hgdpo's tools take a scorer's processor folder or hub id."""
-
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
+#: PickScore's folders: ``models/pickscore/PickScore_v1`` (model) and ``models/pickscore/CLIP-ViT-H-14-...``
+#: (processor); every frontend keeps them under its own ``models/pickscore`` (:meth:`WeightsSpec.under`).
+PICKSCORE_WEIGHTS = WeightsSpec(
+    "PickScore",
+    DEFAULT_PICKSCORE_MODEL,
+    "models/pickscore/PickScore_v1",
+    DEFAULT_PICKSCORE_PROCESSOR,
+    "models/pickscore/CLIP-ViT-H-14-laion2B-s32B-b79K",
 )
-_IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
-class ScorerWeightsError(FileNotFoundError):
-    """A scorer's model or processor files are missing locally and could not be fetched."""
+def pickscore_folders(root: str | Path) -> tuple[Path, Path]:
+    """(model folder, processor folder) of PickScore under ``root``, or ScorerWeightsError saying what to fetch.
 
-
-@runtime_checkable
-class Scorer(Protocol):
-    """Scores (prompt, image) pairs; higher is better.
-
-    ``score`` returns a float32 CPU tensor ``[N]`` with one score per pair (``prompts[i]``
-    describes ``images[i]``). Implementations batch internally (``batch_size``) and hold at most
-    one batch of preprocessed pixels at a time.
+    ``root`` holds the folders of :data:`PICKSCORE_WEIGHTS`; it may also be the model folder itself when it
+    holds the processor files too (the model folder stands in for a missing processor folder likewise).
     """
-
-    name: str
-
-    def score(self, prompts: Sequence[str], images: Sequence[Image]) -> torch.Tensor:
-        """One score per (prompt, image) pair, float32 on the CPU."""
-        ...
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _check_pairs(prompts: Sequence[str], images: Sequence[Image]) -> None:
-    import PIL.Image
-
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a sequence of strings (one per image), not a single string.")
-    if len(prompts) != len(images):
-        raise ValueError(f"Got {len(prompts)} prompts for {len(images)} images; give one prompt per image.")
-    for index, (prompt, image) in enumerate(zip(prompts, images)):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompts[{index}] is a {type(prompt).__name__}, not a str.")
-        if not isinstance(image, PIL.Image.Image):
-            raise TypeError(f"images[{index}] is a {type(image).__name__}, not a PIL.Image.Image.")
+    root = Path(root).expanduser()
+    if missing_model_files(root) is None and missing_processor_files(root) is None:
+        return root, root
+    spec = PICKSCORE_WEIGHTS.under(root)
+    model, processor = Path(spec.model_dir), Path(spec.processor_dir)
+    model_problem = missing_model_files(model)
+    processor_problem = missing_processor_files(processor)
+    if processor_problem and missing_processor_files(model) is None:
+        processor, processor_problem = model, None
+    if model_problem is None and processor_problem is None:
+        return model, processor
+    missing = [f"{folder} ({problem})" for folder, problem in ((model, model_problem), (processor, processor_problem))
+               if problem]
+    raise ScorerWeightsError(f"PickScore's files are missing: {'; '.join(missing)}. Fetch them once on a machine "
+                             f"with internet access:\n{spec.fetch_commands()}")
 
 
-def _check_batch_size(batch_size: int) -> int:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    return batch_size
-
-
-def _projected(output: Any) -> torch.Tensor:
-    """Projected embeddings from ``get_image_features``/``get_text_features`` of any transformers.
-
-    transformers 4 returns the tensor; transformers 5 returns a ``BaseModelOutputWithPooling`` whose
-    ``pooler_output`` already holds the projection (``visual_projection``/``text_projection``).
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    for name in ("image_embeds", "text_embeds", "pooler_output"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    raise TypeError(f"Unexpected CLIP feature output {type(output).__name__}: no embeddings tensor in it.")
-
-
-def _is_local(source: str | Path) -> bool:
-    """A path on disk (or meant as one), as opposed to an ``owner/name`` hub id."""
-    text = str(source)
-    return (
-        isinstance(source, Path)
-        or Path(text).expanduser().exists()
-        or text.startswith((".", "/", "~"))
-        or text.count("/") != 1
-    )
-
-
-def _download_help(repo_id: str, folder: str, option: str = "", patterns: Sequence[str] = ()) -> str:
-    """Both CLIs' commands: ``huggingface-cli`` takes ``--include a b``, ``hf`` takes ``--include a --include b``."""
-    quoted = [f'"{pattern}"' for pattern in patterns]
-    legacy = f" {option} {' '.join(quoted)}" if patterns else ""
-    current = "".join(f" {option} {pattern}" for pattern in quoted)
-    return (
-        f"    huggingface-cli download {repo_id}{legacy} --local-dir {folder}\n"
-        f"    (huggingface_hub >= 1.0 names it: hf download {repo_id}{current} --local-dir {folder})"
-    )
-
-
-class _WeightsSpec:
-    """What a scorer needs on disk, and how to get it: used to word :class:`ScorerWeightsError`."""
-
-    def __init__(
-        self, scorer: str, model_repo: str, model_dir: str, processor_repo: str, processor_dir: str,
-        model_filter: tuple[str, Sequence[str]] = ("", ()),
-    ):
-        self.scorer, self.model_filter = scorer, model_filter
-        self.model_repo, self.model_dir = model_repo, model_dir
-        self.processor_repo, self.processor_dir = processor_repo, processor_dir
-
-    def error(self, what: str, source: str | Path, problem: str) -> ScorerWeightsError:
-        """The error for a missing/unfetchable ``what`` ("model" or "processor") at ``source``."""
-        weights = " or ".join(_WEIGHT_FILES[::2])
-        lines = [
-            f"{self.scorer}: cannot load the {what} from {str(source)!r}: {problem}",
-            "",
-            "Expected folders:",
-            f"  model: config.json and the weights ({weights}), e.g. {self.model_dir}",
-            "  processor: preprocessor_config.json (or processor_config.json) and the tokenizer (tokenizer.json, "
-            + f"or vocab.json + merges.txt), e.g. {self.processor_dir}",
-            "",
-            "Fetch them once on a machine with internet access:",
-            _download_help(self.model_repo, self.model_dir, *self.model_filter),
-        ]
-        if self.processor_repo == self.model_repo:
-            pointer = f"{MODEL_FLAG} {self.model_dir} (in Python: model={self.model_dir!r})"
-        else:
-            lines.append(_download_help(self.processor_repo, self.processor_dir, "--include", ("*.json", "*.txt")))
-            pointer = (
-                f"{MODEL_FLAG} {self.model_dir} {PROCESSOR_FLAG} {self.processor_dir} "
-                f"(in Python: model={self.model_dir!r}, processor={self.processor_dir!r})"
-            )
-        lines += ["", f"then point hgdpo at the downloaded files: {pointer}."]
-        return ScorerWeightsError("\n".join(lines))
-
-
-def _missing_model_files(folder: Path) -> str | None:
-    if not (folder / "config.json").is_file():
-        return "config.json is missing"
-    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
-        return f"no weights file ({', '.join(_WEIGHT_FILES)})"
-    return None
-
-
-def _missing_processor_files(folder: Path) -> str | None:
-    if not any((folder / name).is_file() for name in _IMAGE_PROCESSOR_FILES):
-        return "preprocessor_config.json is missing"
-    has_tokenizer = (folder / "tokenizer.json").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
-    )
-    return None if has_tokenizer else "no tokenizer files (tokenizer.json, or vocab.json + merges.txt)"
-
-
-def default_processor(model: str | Path, fallback: str) -> str:
-    """The processor to use when none is given: a local model folder's own processor files, else ``fallback``."""
-    folder = Path(model).expanduser()
-    if _is_local(model) and folder.is_dir() and _missing_processor_files(folder) is None:
-        logger.info("Scorer processor: the files in the model folder %s (give %s to use another).", folder,
-                    PROCESSOR_FLAG)
-        return str(folder)
-    logger.info("Scorer processor: %s (give %s to use another).", fallback, PROCESSOR_FLAG)
-    return fallback
-
-
-def _dtype_option(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """``dtype=`` for transformers >= 4.56, ``torch_dtype=`` before."""
-    import transformers
-
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
-def _load_clip(model: str | Path, processor: str | Path, dtype: torch.dtype, spec: _WeightsSpec):
-    """A ``CLIPModel`` (eval, frozen) and its ``CLIPProcessor``, or :class:`ScorerWeightsError`.
-
-    Local folders are checked before anything is loaded, so a missing processor is reported without
-    first reading gigabytes of model weights.
-    """
-    from transformers import CLIPModel, CLIPProcessor
-
-    sources = {"processor": processor, "model": model}
-    checks = {"processor": _missing_processor_files, "model": _missing_model_files}
-    for what, source in sources.items():
-        if _is_local(source):
-            folder = Path(source).expanduser()
-            problem = checks[what](folder) if folder.is_dir() else "no such folder"
-            if problem:
-                raise spec.error(what, source, problem)
-            sources[what] = str(folder)
-    loaders = {
-        "processor": CLIPProcessor.from_pretrained,
-        "model": lambda source: CLIPModel.from_pretrained(source, **_dtype_option(dtype)),
-    }
-    loaded = {}
-    for what, source in sources.items():
-        try:
-            loaded[what] = loaders[what](str(source))
-        except OSError as error:  # offline, unreachable hub, unknown or gated repo
-            if _is_local(source):
-                raise
-            reason = (str(error).splitlines() or [type(error).__name__])[0]
-            raise spec.error(what, source, reason) from error
-    return loaded["model"].requires_grad_(False).eval(), loaded["processor"]
-
-
-# --------------------------------------------------------------------------- CLIP-based scorers
-
-
-class _CLIPEmbedder:
-    """Shared batching and embedding of the CLIP-based scorers."""
-
-    name = "clip-embedder"
-
-    def __init__(self, model, processor, device: str | torch.device, dtype: torch.dtype, batch_size: int):
-        self.batch_size = _check_batch_size(batch_size)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.model = model.to(self.device)
-        self.processor = processor
-        text_config = getattr(model.config, "text_config", None)
-        self.max_length = min(MAX_TEXT_LENGTH, getattr(text_config, "max_position_embeddings", MAX_TEXT_LENGTH))
-
-    @torch.inference_mode()
-    def embed_images(self, images: Sequence[Image]) -> torch.Tensor:
-        """L2-normalised projected image embeddings ``[n, projection_dim]`` of one batch."""
-        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        features = _projected(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
-        return features / features.norm(dim=-1, keepdim=True)
-
-    @torch.inference_mode()
-    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised projected text embeddings ``[n, projection_dim]`` of one batch."""
-        tokens = self.processor.tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        features = _projected(
-            self.model.get_text_features(
-                input_ids=tokens["input_ids"].to(self.device),
-                attention_mask=tokens["attention_mask"].to(self.device),
-            )
-        )
-        return features / features.norm(dim=-1, keepdim=True)
-
-    def cosines(self, prompts: Sequence[str], images: Sequence[Image]) -> torch.Tensor:
-        """Cosine similarity of each pair, batch by batch, float32 on the CPU.
-
-        Each distinct prompt is encoded once (a pool of N images of one prompt costs one text pass).
-        """
-        _check_pairs(prompts, images)
-        if not images:
-            return torch.empty(0, dtype=torch.float32)
-        unique = list(dict.fromkeys(prompts))
-        text_embeds = torch.cat([self.embed_texts(unique[start:start + self.batch_size]).float()
-                                 for start in range(0, len(unique), self.batch_size)])
-        position = {prompt: i for i, prompt in enumerate(unique)}
-        rows = torch.tensor([position[prompt] for prompt in prompts], device=text_embeds.device)
-        result = torch.empty(len(images), dtype=torch.float32)
-        for start in range(0, len(images), self.batch_size):
-            stop = start + self.batch_size
-            image_embeds = self.embed_images(images[start:stop])
-            result[start:stop] = (text_embeds[rows[start:stop]] * image_embeds.float()).sum(-1).cpu()
-        return result
-
-
-class PickScoreScorer(_CLIPEmbedder):
+class PickScoreScorer(CLIPEmbedder):
     """PickScore (Kirstain et al., 2023): ``logit_scale.exp() * cos(text_emb, image_emb)`` per pair.
 
     As the reference code: CLIP-H text and image embeddings, each L2-normalised, text tokenized with
@@ -331,16 +132,9 @@ class PickScoreScorer(_CLIPEmbedder):
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
     ):
-        _check_batch_size(batch_size)
-        spec = _WeightsSpec(
-            "PickScore",
-            DEFAULT_PICKSCORE_MODEL,
-            "models/pickscore/PickScore_v1",
-            DEFAULT_PICKSCORE_PROCESSOR,
-            "models/pickscore/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        )
+        check_batch_size(batch_size)
         processor = default_processor(model, DEFAULT_PICKSCORE_PROCESSOR) if processor is None else processor
-        clip_model, clip_processor = _load_clip(model, processor, dtype, spec)
+        clip_model, clip_processor = load_clip(model, processor, dtype, PICKSCORE_WEIGHTS)
         super().__init__(clip_model, clip_processor, device, dtype, batch_size)
 
     @torch.inference_mode()
@@ -349,7 +143,7 @@ class PickScoreScorer(_CLIPEmbedder):
         return self.model.logit_scale.exp().float().cpu() * self.cosines(prompts, images)
 
 
-class CLIPScoreScorer(_CLIPEmbedder):
+class CLIPScoreScorer(CLIPEmbedder):
     """CLIP score (Hessel et al., 2021) as torchmetrics computes it: ``100 * max(cos(text, image), 0)``.
 
     Works with any transformers ``CLIPModel``; scores lie in ``[0, 100]`` (real image-caption pairs
@@ -371,9 +165,9 @@ class CLIPScoreScorer(_CLIPEmbedder):
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
     ):
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         processor = model if processor is None else processor
-        spec = _WeightsSpec(
+        spec = WeightsSpec(
             "CLIP score",
             DEFAULT_CLIP_MODEL,
             "models/clip/clip-vit-large-patch14",
@@ -381,7 +175,7 @@ class CLIPScoreScorer(_CLIPEmbedder):
             "models/clip/clip-vit-large-patch14",
             model_filter=("--exclude", ("*.h5", "*.msgpack")),  # the repo also holds TensorFlow and Flax weights
         )
-        clip_model, clip_processor = _load_clip(model, processor, dtype, spec)
+        clip_model, clip_processor = load_clip(model, processor, dtype, spec)
         super().__init__(clip_model, clip_processor, device, dtype, batch_size)
 
     def score(self, prompts: Sequence[str], images: Sequence[Image]) -> torch.Tensor:
@@ -403,11 +197,11 @@ class FunctionScorer:
                  batch_size: int = 16):
         self.function = function
         self.name = name or getattr(function, "__qualname__", type(function).__name__)
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size)
 
     def score(self, prompts: Sequence[str], images: Sequence[Image]) -> torch.Tensor:
         """The function's values for each pair, float32 on the CPU."""
-        _check_pairs(prompts, images)
+        check_pairs(prompts, images)
         chunks = []
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size

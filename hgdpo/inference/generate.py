@@ -113,7 +113,7 @@ def _parameters(job: GenerateJob, prompt: str, seed: int, model_hash: str | None
     if config.lan_strength > 0.0:
         fields[infotext.LAN_KEY] = config.lan_strength
     if job.best_of > 1:
-        fields.update({infotext.BEST_OF_KEY: job.best_of, infotext.SCORE_KEY: f"{score:.4f}"})
+        fields.update({infotext.BEST_OF_KEY: job.best_of, infotext.SCORE_KEY: infotext.format_score(score)})
     return infotext.format_parameters(prompt, config.negative_prompt, fields)
 
 

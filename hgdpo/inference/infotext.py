@@ -38,6 +38,11 @@ def quote(value: object) -> str:
     return json.dumps(text, ensure_ascii=False) if any(char in text for char in ',:\n"') else text
 
 
+def format_score(score: float) -> str:
+    """A scorer's value as the ``HG-DPO score`` field (and every report of a best-of-N pick) writes it."""
+    return f"{score:.4f}"
+
+
 def format_parameters(prompt: str, negative_prompt: str, fields: Mapping[str, object]) -> str:
     """The ``parameters`` text: prompt, negative prompt line (when set), then ``Key: value`` pairs."""
     lines = [prompt]
