@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from hgdpo.inference.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY, format_score
+from hgdpo.inference.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY
+from hgdpo.inference.infotext import format_score  # noqa: F401 - the score text the extension writes, as the CLI
 
 SCRIPT_TITLE = "HG-DPO"
 LAN_SUFFIX = " (HG-DPO LAN)"

@@ -225,6 +225,14 @@ def test_served_pngs_keep_their_pixels_and_lose_their_generation_parameters(tmp_
         image_pixels_only(b"<svg onload=alert(1)>")
 
 
+def test_served_bmps_become_png_pixels_like_the_datasets_images(tmp_path):
+    image = Image.new("RGB", (5, 4), (1, 2, 3))
+    buffer = io.BytesIO()
+    image.save(buffer, "BMP")
+    served = Image.open(io.BytesIO(image_pixels_only(buffer.getvalue())))
+    assert served.format == "PNG" and np.array_equal(np.asarray(served), np.asarray(image))
+
+
 # --------------------------------------------------------------------------- command line
 
 

@@ -54,9 +54,7 @@ file-name order), with columns ``caption`` (string), ``jpg_0``, ``jpg_1``
 (encoded image bytes: ``binary`` or a Hugging Face ``Image`` struct with a
 ``bytes`` field), ``label_0`` (float) and optionally ``label_1`` (ignored).
 ``label_0 == 1`` means ``jpg_0`` won, ``label_0 == 0`` means ``jpg_1`` won; any
-other value (0.5 ties, nulls) is dropped and counted as a tie.  Only the small
-columns are read when opening; image bytes are streamed on demand in batches of a
-few rows (``iter_batches``, memory-mapped) and kept in a small LRU cache, so neither a
+other value (0.5 ties, nulls) is dropped and counted as a tie.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Depends only on the standard library, numpy, pyarrow and Pillow (no torch import is needed; a
 :class:`PreferenceDataset` is a plain map-style dataset that any ``torch.utils.data.DataLoader`` accepts).
 It reads both layouts of :mod:`hgdpo.data.format`: an hgdpo triplet dataset, and Pick-a-Pic v2 style
-parquet, whose image bytes are streamed on demand (see :class:`PreferenceDataset`).
+parquet. Of Pick-a-Pic data only the small columns are read when opening; image bytes are streamed on
+demand in batches of a few rows (``iter_batches``, memory-mapped) and kept in a small LRU cache, so neither
+a large shard nor one huge row group is ever held in memory whole.
 
 Filtering
 ---------

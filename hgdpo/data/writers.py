@@ -204,7 +204,6 @@ class TripletWriter:
             self._closed = True
 
 
-
 def write_triplet_index(
     out_dir: str | Path,
     rows: Sequence[Mapping[str, Any]],

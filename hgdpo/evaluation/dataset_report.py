@@ -124,7 +124,6 @@ def read_kept_pools(dataset_dir: str | Path) -> list[KeptPool]:
 # --------------------------------------------------------------------------- pictures
 
 
-
 def _contact_html(entries: Sequence[dict[str, Any]], dataset_path: str) -> str:
     esc = html.escape
     lines = [
@@ -144,7 +143,6 @@ def _contact_html(entries: Sequence[dict[str, Any]], dataset_path: str) -> str:
         lines.append(f"<tr><td>{e['index']}</td><td>{esc(e['prompt'])}</td>{''.join(cells)}</tr>")
     lines += ["</table></body></html>", ""]
     return "\n".join(lines)
-
 
 
 def _plot_scores(path: Path, gaps: np.ndarray, wins: np.ndarray, loses: np.ndarray) -> None:
@@ -239,7 +237,6 @@ def _latent_section(dataset, components, *, batch_size: int, resolution: int | N
             start += n
         section["rank_curve"] = rank_distance_curve(per_pool)
     return section
-
 
 
 def write_report(dataset_path: str | Path, output_dir: str | Path, components=None, max_pairs: int = 16, *,

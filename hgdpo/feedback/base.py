@@ -58,8 +58,6 @@ class Scorer(Protocol):
         ...
 
 
-
-
 def check_pairs(prompts: Sequence[str], images: Sequence[Image]) -> None:
     """TypeError / ValueError unless ``prompts`` is a sequence of strings, one per PIL image of ``images``."""
     import PIL.Image

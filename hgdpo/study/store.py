@@ -47,7 +47,7 @@ from PIL import Image, UnidentifiedImageError
 
 from hgdpo.fileio import IMAGE_SUFFIXES, atomic_path, atomic_write_text, image_inside
 from hgdpo.inference.infotext import parse_parameters, read_png_parameters
-from hgdpo.evaluation.winrate import WinRate, win_rate
+from hgdpo.evaluation.winrate import WinRate, win_rate_of_counts
 
 __all__ = [
     "AI_LOSER",
@@ -504,8 +504,10 @@ def _image_id(connection: sqlite3.Connection, image: Path) -> int:
 
 
 def _win_rate(counts: dict[str, int]) -> WinRate | None:
-    outcomes = [1.0] * counts.get("a", 0) + [0.0] * counts.get("b", 0) + [0.5] * counts.get("tie", 0)
-    return win_rate(outcomes) if outcomes else None
+    """Model A's win rate from the vote counts (ties half), or None before the first vote."""
+    if not any(counts.values()):
+        return None
+    return win_rate_of_counts(counts.get("a", 0), counts.get("b", 0), counts.get("tie", 0))
 
 
 # ---- building pairs -----------------------------------------------------------------------------
