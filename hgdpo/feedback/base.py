@@ -10,7 +10,6 @@ This module is part of the core library: it imports neither ComfyUI nor the WebU
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -19,8 +18,6 @@ import torch
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 MAX_TEXT_LENGTH = 77
@@ -182,17 +179,6 @@ def missing_processor_files(folder: Path) -> str | None:
         (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
     )
     return None if has_tokenizer else "no tokenizer files (tokenizer.json, or vocab.json + merges.txt)"
-
-
-def default_processor(model: str | Path, fallback: str) -> str:
-    """The processor to use when none is given: a local model folder's own processor files, else ``fallback``."""
-    folder = Path(model).expanduser()
-    if is_local(model) and folder.is_dir() and missing_processor_files(folder) is None:
-        logger.info("Scorer processor: the files in the model folder %s (give %s to use another).", folder,
-                    PROCESSOR_FLAG)
-        return str(folder)
-    logger.info("Scorer processor: %s (give %s to use another).", fallback, PROCESSOR_FLAG)
-    return fallback
 
 
 def _dtype_option(dtype: torch.dtype) -> dict[str, torch.dtype]:

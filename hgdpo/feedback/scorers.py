@@ -40,13 +40,14 @@ import torch
 
 from hgdpo.feedback.base import (
     DEFAULT_CLIP_MODEL,
+    PROCESSOR_FLAG,
     CLIPEmbedder,
     Scorer,
     ScorerWeightsError,
     WeightsSpec,
     check_batch_size,
     check_pairs,
-    default_processor,
+    is_local,
     load_clip,
     missing_model_files,
     missing_processor_files,
@@ -81,6 +82,17 @@ PICKSCORE_WEIGHTS = WeightsSpec(
     DEFAULT_PICKSCORE_PROCESSOR,
     "models/pickscore/CLIP-ViT-H-14-laion2B-s32B-b79K",
 )
+
+
+def default_processor(model: str | Path, fallback: str) -> str:
+    """The processor to use when none is given: a local model folder's own processor files, else ``fallback``."""
+    folder = Path(model).expanduser()
+    if is_local(model) and folder.is_dir() and missing_processor_files(folder) is None:
+        logger.info("Scorer processor: the files in the model folder %s (give %s to use another).", folder,
+                    PROCESSOR_FLAG)
+        return str(folder)
+    logger.info("Scorer processor: %s (give %s to use another).", fallback, PROCESSOR_FLAG)
+    return fallback
 
 
 def pickscore_folders(root: str | Path) -> tuple[Path, Path]:
