@@ -167,7 +167,7 @@ def test_writer_interrupted_marks_incomplete(tmp_path: Path, caplog: pytest.LogC
         with TripletWriter(root) as w:
             w.add("a boy", noise(1), noise(2), 1.0, 0.0)
             raise KeyboardInterrupt
-    with caplog.at_level(logging.WARNING, logger="hgdpo.data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="hgdpo.data.readers"):
         ds = open_preference_dataset(root)
     assert len(ds) == 1 and ds.metadata["complete"] is False
     assert "complete=false" in caplog.text
@@ -186,7 +186,7 @@ def test_empty_prompts_dropped_and_counted(tmp_path: Path, caplog: pytest.LogCap
         "win_score": [1.0] * 5,
         "lose_score": [0.0] * 5,
     }), root / "index.parquet")
-    with caplog.at_level(logging.WARNING, logger="hgdpo.data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="hgdpo.data.readers"):
         ds = open_preference_dataset(root)
     assert [ds.prompt(i) for i in range(len(ds))] == ["a woman", "a mango on a table"]
     assert ds.info.dropped_empty_captions == 3 and ds.info.num_pairs == 2
@@ -238,7 +238,7 @@ def test_pickapic_labels_ties_and_order(tmp_path: Path, caplog: pytest.LogCaptur
         {"caption": "green wins", "jpg_0": jpeg_bytes(solid(BLUE)), "jpg_1": jpeg_bytes(solid(GREEN)), "label_0": 0},
     ]
     path = write_pickapic(tmp_path / "train-0000.parquet", rows, row_group_size=2)
-    with caplog.at_level(logging.WARNING, logger="hgdpo.data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="hgdpo.data.readers"):
         ds = open_preference_dataset(path)
     assert "dropped 1 rows with an empty caption" in caplog.text
     assert ds.kind == "pickapic" and len(ds) == 3
