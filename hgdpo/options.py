@@ -168,18 +168,23 @@ class UnknownOptionError(ValueError):
 
 
 def read_toml(path: str | Path, config_class: type) -> dict[str, Any]:
-    """The options a TOML file sets (``-`` or ``_`` in keys); ValueError for unreadable files or unknown keys."""
+    """The options a TOML file sets, by field name or flag (``-`` or ``_``: ``guidance_scale`` or ``cfg``).
+
+    Raises ValueError for an unreadable file, :class:`UnknownOptionError` for a key that is no option.
+    """
     try:
         with open(path, "rb") as handle:
             values = {key.replace("-", "_"): value for key, value in tomllib.load(handle).items()}
     except (OSError, ValueError) as error:  # missing file, or TOML syntax (TOMLDecodeError is a ValueError)
         raise ValueError(f"--config {path}: cannot read it as TOML ({error}); fix or remove the file.") from None
-    known = {spec.name for spec in options_of(config_class)}
-    unknown = sorted(set(values) - known)
+    names = {}
+    for spec in options_of(config_class):
+        names[spec.name] = names[flag_of(spec)[2:].replace("-", "_")] = spec.name
+    unknown = sorted(set(values) - set(names))
     if unknown:
         raise UnknownOptionError(f"--config {path}: unknown option(s) {', '.join(unknown)}; the options are the flags "
-                         "of --help without the leading dashes.")
-    return values
+                                 "of --help without the leading dashes.")
+    return {names[key]: value for key, value in values.items()}
 
 
 def build_config(config_class: type, values: dict[str, Any]):
