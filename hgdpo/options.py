@@ -6,7 +6,8 @@ A config is a dataclass whose fields are made with :func:`option`: the field's d
 ``--config FILE`` (TOML) into the dataclass, :func:`check_fields` checks the values and
 :func:`to_toml` writes a file that ``--config`` reads back. Precedence: the dataclass defaults <
 the TOML file < flags given on the command line. A field made with :func:`nested` holds another
-config whose fields appear as flags (and TOML keys) of their own.
+config whose fields appear as flags (and TOML keys) of their own; :func:`same_as` repeats another
+config's option (its default, help and range) so that a default exists once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _LIMIT_TEST = {"at_least": lambda v, x: v >= x, "above": lambda v, x: v > x, "be
                "at_most": lambda v, x: v <= x}
 _KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 _PARSERS = {"int": int, "float": float, "str": str, "Path": Path}
+SEED_LIMITS = {"at_least": 0, "at_most": 2**63 - 1}  # what a torch.Generator takes
 CONFIG_HELP = "TOML file with any of the options below (flags override it)."
 
 
@@ -83,9 +85,14 @@ def nested(config_class: type) -> Any:
     return field(default_factory=config_class, metadata={"nested": config_class})
 
 
+def field_of(config_class: type, name: str) -> Field:
+    """The field ``name`` of a config class (its ``metadata`` holds help, choices and limits)."""
+    return next(spec for spec in fields(config_class) if spec.name == name)
+
+
 def same_as(config_class: type, name: str, **changes) -> Any:
     """An option with the default, help and limits of ``config_class``'s field ``name`` (``changes`` override)."""
-    spec = next(spec for spec in fields(config_class) if spec.name == name)
+    spec = field_of(config_class, name)
     default = spec.default if spec.default is not MISSING else spec.default_factory()
     settings = {key: value for key, value in spec.metadata.items() if key not in ("limits",)}
     return option(**{"default": default, **settings, **spec.metadata["limits"], **changes})

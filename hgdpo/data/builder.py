@@ -39,7 +39,7 @@ from PIL import Image
 from hgdpo.feedback.scorers import SCORER_HELP, SCORER_MODEL_HELP, SCORER_PROCESSOR_HELP, load_named_scorer
 from hgdpo.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
-from hgdpo.options import check_fields, check_value, option
+from hgdpo.options import SEED_LIMITS, check_fields, check_value, option
 from hgdpo.training.config import parse_resolution
 
 __all__ = [
@@ -71,9 +71,6 @@ class Scorer(Protocol):
     name: str
 
     def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> torch.Tensor: ...
-
-
-SEED_LIMITS = {"at_least": 0, "at_most": 2**63 - 1}
 
 
 @dataclass

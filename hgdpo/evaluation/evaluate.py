@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,7 @@ import torch
 
 from hgdpo.inference.sampling import SamplingConfig
 from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP
-from hgdpo.options import check_fields, check_value, option, same_as
+from hgdpo.options import SEED_LIMITS, check_fields, check_value, field_of, option, same_as
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -116,7 +116,7 @@ class EvaluationConfig:
     prompts: list[str]
     output_dir: Path
     metrics: list[MetricSpec] = field(default_factory=lambda: [MetricSpec(name) for name in PAPER_METRICS])
-    seeds: list[int] = option([0], "Seeds; each prompt is generated once per seed.", at_least=0, at_most=2**63 - 1)
+    seeds: list[int] = option([0], "Seeds; each prompt is generated once per seed.", **SEED_LIMITS)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     image_cache: Path | None = option(None, "Folder of the generated images, shared by runs (default: "
                                             "OUTPUT_DIR/images).")
@@ -145,7 +145,7 @@ class EvaluationConfig:
         if self.baseline.label == self.candidate.label:
             raise ValueError(f"The two models need different labels, both are {self.baseline.label!r}.")
         check_fields(self)
-        weight = next(spec for spec in fields(SamplingConfig) if spec.name == "lora_weight").metadata["limits"]
+        weight = field_of(SamplingConfig, "lora_weight").metadata["limits"]
         for name, side in (("baseline", self.baseline), ("candidate", self.candidate)):
             check_value(f"--{name}-lora-weight", side.lora_weight, "float", weight)
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
@@ -164,8 +164,18 @@ class EvaluationConfig:
 # --------------------------------------------------------------------------- the command line's options
 
 PARTI_URL = "https://github.com/google-research/parti/blob/main/PartiPrompts.tsv"
-_LORA_WEIGHT = {"help": "Weight of the {}'s LoRA (paper: 0.5).", "flag": None, "metavar": "W"}
-_LAN = {"help": "LAN for the {} (needs its LoRA): bare flag = strength 1 (paper Eq. 7), 0 = off.", "flag": None}
+
+
+def _lora_weight_option(side: str):
+    """``--<side>-lora-weight``: the sampling LoRA weight's default and range."""
+    return same_as(SamplingConfig, "lora_weight", flag=None, metavar="W",
+                   help=f"Weight of the {side}'s LoRA (paper: 0.5).")
+
+
+def _lan_option(side: str):
+    """``--<side>-lan [STRENGTH]``: the sampling LAN strength's default and range."""
+    return same_as(SamplingConfig, "lan_strength", flag=None,
+                   help=f"LAN for the {side} (needs its LoRA): bare flag = strength 1 (paper Eq. 7), 0 = off.")
 
 
 @dataclass
@@ -178,16 +188,14 @@ class EvaluationOptions:
                                f"test set is the People category of PartiPrompts.tsv ({PARTI_URL}).")
     output_dir: str = option(help="Report folder (created).")
     baseline_lora: str | None = option(None, "HG-DPO LoRA (kohya .safetensors) of the baseline.", metavar="PATH")
-    baseline_lora_weight: float = same_as(SamplingConfig, "lora_weight", **{**_LORA_WEIGHT,
-                                                                            "help": _LORA_WEIGHT["help"].format("baseline")})
-    baseline_lan: float = same_as(SamplingConfig, "lan_strength", **{**_LAN, "help": _LAN["help"].format("baseline")})
+    baseline_lora_weight: float = _lora_weight_option("baseline")
+    baseline_lan: float = _lan_option("baseline")
     baseline_label: str = option("baseline", "Name of the baseline in the report.")
     candidate: str | None = option(None, "Candidate model (default: the baseline's; give --candidate-lora).",
                                    metavar="MODEL")
     candidate_lora: str | None = option(None, "HG-DPO LoRA (kohya .safetensors) of the candidate.", metavar="PATH")
-    candidate_lora_weight: float = same_as(SamplingConfig, "lora_weight",
-                                           **{**_LORA_WEIGHT, "help": _LORA_WEIGHT["help"].format("candidate")})
-    candidate_lan: float = same_as(SamplingConfig, "lan_strength", **{**_LAN, "help": _LAN["help"].format("candidate")})
+    candidate_lora_weight: float = _lora_weight_option("candidate")
+    candidate_lan: float = _lan_option("candidate")
     candidate_label: str = option("candidate", "Name of the candidate in the report.")
     category: str | None = option(None, "Keep only rows of this Category of a .tsv/.csv (default: People when the "
                                         "table has a Category column, as PartiPrompts; '' keeps every row).")

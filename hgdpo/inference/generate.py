@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from hgdpo.inference import infotext
-from hgdpo.feedback.scorers import SCORER_HELP, SCORER_MODEL_HELP, SCORER_PROCESSOR_HELP
+from hgdpo.feedback.scorers import SCORER_HELP, SCORER_MODEL_HELP, SCORER_PROCESSOR_HELP, load_named_scorer
 from hgdpo.inference.sampling import ImageGenerator, SamplingConfig, best_of_n
-from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP
-from hgdpo.options import check_fields, nested, option
+from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_sd15, resolve_dtype
+from hgdpo.options import SEED_LIMITS, check_fields, nested, option
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -44,7 +44,7 @@ class GenerateJob:
                           **COUNT_LIMITS)
     num_images: int = option(1, "Images per prompt.", **COUNT_LIMITS)
     seed: int = option(0, "Base seed: image j of prompt i uses seed + (i*num_images + j)*best_of (+k for "
-                          "candidate k).", at_least=0, at_most=2**63 - 1)
+                          "candidate k).", **SEED_LIMITS)
     batch_size: int = option(4, "Images (or candidates) per UNet batch.", **COUNT_LIMITS)
     save_candidates: bool = option(False, "With --best-of: also save every candidate, ranked, under "
                                           "OUTPUT_DIR/candidates/.")
@@ -127,8 +127,6 @@ def _short_hash(path: str | None, length: int) -> str | None:
 def _load_generator(job: GenerateJob) -> ImageGenerator:
     from accelerate import PartialState
 
-    from hgdpo.models.loading import load_sd15, resolve_dtype
-
     device = torch.device(job.device) if job.device else PartialState().device
     sft = load_sd15(job.model, config_dir=job.model_config_dir)
     dpo = load_sd15(job.dpo_model, config_dir=job.model_config_dir) if job.dpo_model else None
@@ -139,8 +137,6 @@ def _load_generator(job: GenerateJob) -> ImageGenerator:
 def _load_scorer(job: GenerateJob, device: torch.device) -> Scorer | None:
     if job.best_of == 1:
         return None
-    from hgdpo.feedback.scorers import load_named_scorer
-
     return load_named_scorer(job.scorer, job.scorer_model, job.scorer_processor, device)
 
 
