@@ -36,10 +36,11 @@ from typing import Any, Protocol, Sequence
 import torch
 from PIL import Image
 
-from hgdpo.cli import resolve_dtype
-from hgdpo.training.config import DTYPES, parse_resolution
+from hgdpo.feedback.scorers import SCORER_HELP, SCORER_MODEL_HELP, SCORER_PROCESSOR_HELP, load_named_scorer
 from hgdpo.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
-from hgdpo.options import check_value
+from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
+from hgdpo.options import SEED_LIMITS, check_fields, check_value, option
+from hgdpo.training.config import parse_resolution
 
 __all__ = [
     "BuildConfig",
@@ -74,30 +75,40 @@ class Scorer(Protocol):
 
 @dataclass
 class BuildConfig:
-    """Settings of a dataset build; paper values are the defaults where the paper gives one."""
+    """Settings of a dataset build (``trainer/build_dataset.py`` flags); the defaults are the paper's where it
+    gives one."""
 
-    model: str
-    prompts: str
-    output_dir: str
-    pool_size: int = 20  # paper: N = 20
-    steps: int = 50  # paper: 50 DPM-Solver++ steps
-    guidance_scale: float = 5.0  # paper: CFG 5.0
-    resolution: str = "512"  # N or WxH, multiples of 8
-    batch_size: int = 4  # images per UNet batch
-    seed: int = 0
-    loser_rank: int = 1  # 1 = the worst image of the pool; k = the k-th worst (paper Table 5)
-    min_score_gap: float = 0.0  # prompts whose best-worst gap is smaller are skipped
-    keep_pool: bool = False  # keep all N images, not only winner and loser
-    negative_prompt: str = ""
-    prompt_column: str | None = None
-    category: str | None = None
-    scorer: str = "pickscore"  # the scorer spec (used by the command line)
-    scorer_model: str | None = None
-    model_config_dir: str | None = None
-    device: str | None = None  # default: the accelerate process's device
-    dtype: str = "auto"  # fp32 | fp16 | bf16 | auto (fp16 on CUDA, else fp32)
-    image_format: str = "png"
-    export_pickapic: str | None = None
+    model: str = option(help="SD1.5-family model: single-file checkpoint (.safetensors/.ckpt), diffusers folder "
+                             "or hub id.")
+    prompts: str = option(help="Prompt file: .txt (one per line), .tsv/.csv (with a header) or .jsonl.")
+    output_dir: str = option(help="Dataset folder (created; re-run the same command to resume).")
+    pool_size: int = option(20, "Images generated per prompt, N (paper: 20).", at_least=2, at_most=10_000)
+    scorer: str = option("pickscore", SCORER_HELP)
+    scorer_model: str | None = option(None, SCORER_MODEL_HELP)
+    scorer_processor: str | None = option(None, SCORER_PROCESSOR_HELP)
+    resolution: str = option("512", "Image size: N for NxN or WxH, multiples of 8.")
+    steps: int = option(50, "DPM-Solver++ sampling steps (paper: 50).", at_least=1, at_most=1000)
+    guidance_scale: float = option(5.0, "Classifier-free guidance scale (paper: 5.0).", at_least=0, flag="--cfg")
+    negative_prompt: str = option("", "Negative prompt for guidance (empty: the unconditional prompt).")
+    batch_size: int = option(4, "Images per UNet batch; the images of one prompt share one text encoding.",
+                             at_least=1)
+    seed: int = option(0, "Base seed; image j of prompt i uses a seed derived from (seed, i, j), recorded per image.",
+                       **SEED_LIMITS)
+    loser_rank: int = option(1, "Loser = the k-th worst image of the pool (1 = the worst, as in the paper; see its "
+                                "Table 5).", at_least=1)
+    min_score_gap: float = option(0.0, "Skip (and record as skipped) prompts whose best-minus-worst score gap is "
+                                       "below this.", at_least=0)
+    keep_pool: bool = option(False, "Keep all N images of every pool, not only winner and loser.")
+    prompt_column: str | None = option(None, "Prompt column of a .tsv/.csv (default: 'Prompt' if present, else the "
+                                             "first) or key of a .jsonl (default: 'prompt').")
+    category: str | None = option(None, "Keep only rows of this Category of a .tsv/.csv (e.g. 'People' in "
+                                        "PartiPrompts.tsv).")
+    export_pickapic: str | None = option(None, "Also write the dataset as a Pick-a-Pic v2 style .parquet file at "
+                                               "PATH.", metavar="PATH")
+    model_config_dir: str | None = option(None, CONFIG_DIR_HELP)
+    device: str | None = option(None, DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP, DTYPE_CHOICES)
+    image_format: str = option("png", "Format of the image files.", ("png", "jpeg"))
 
     @property
     def size(self) -> tuple[int, int]:
@@ -106,19 +117,9 @@ class BuildConfig:
 
     def validate(self) -> None:
         """Check every setting before anything is loaded; raise a one-line ValueError naming the option."""
-        for flag, value, kind, limits in (
-            ("--pool-size", self.pool_size, "int", {"at_least": 2, "at_most": 10_000}),
-            ("--steps", self.steps, "int", {"at_least": 1, "at_most": 1000}),
-            ("--cfg", self.guidance_scale, "float", {"at_least": 0}),
-            ("--batch-size", self.batch_size, "int", {"at_least": 1}),
-            ("--seed", self.seed, "int", {"at_least": 0, "at_most": 2**63 - 1}),
-            ("--loser-rank", self.loser_rank, "int", {"at_least": 1, "at_most": max(1, self.pool_size - 1)}),
-            ("--min-score-gap", self.min_score_gap, "float", {"at_least": 0}),
-        ):
-            check_value(flag, value, kind, limits)
+        check_fields(self)
+        check_value("--loser-rank", self.loser_rank, "int", {"at_least": 1, "at_most": max(1, self.pool_size - 1)})
         self.size  # noqa: B018  (raises on a bad resolution)
-        check_value("--dtype", self.dtype, "str", choices=(*DTYPES, "auto"))
-        check_value("--image-format", self.image_format, "str", choices=("png", "jpeg"))
         if not Path(self.prompts).expanduser().is_file():
             raise ValueError(f"--prompts {self.prompts} not found; give a .txt, .tsv/.csv or .jsonl prompt file.")
         if self.model_config_dir and not Path(self.model_config_dir).expanduser().is_dir():
@@ -127,6 +128,10 @@ class BuildConfig:
         if self.export_pickapic and Path(self.export_pickapic).expanduser().is_dir():
             raise ValueError(f"--export-pickapic {self.export_pickapic} is a folder; give a .parquet file path.")
         check_output_dir(Path(self.output_dir).expanduser())
+
+    def load_scorer(self, device: torch.device | str) -> Scorer:
+        """The scorer the options name (its model and processor, or the scorer's defaults)."""
+        return load_named_scorer(self.scorer, self.scorer_model, self.scorer_processor, device)
 
 
 def check_output_dir(out: Path) -> None:

@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hgdpo.options import check_value
 from hgdpo.inference.sampling import SamplingConfig
+from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP
+from hgdpo.options import SEED_LIMITS, check_fields, check_value, field_of, option, same_as
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -101,10 +102,9 @@ class MetricSpec:
         return METRIC_LABELS.get(self.name.lower(), self.name)
 
     def load(self, device: torch.device) -> Scorer:
-        from hgdpo.feedback.scorers import load_scorer
+        from hgdpo.feedback.scorers import load_named_scorer
 
-        options = {"processor": self.processor} if self.processor else {}
-        return load_scorer(self.name, model=self.model, device=device, **options)
+        return load_named_scorer(self.name, self.model, self.processor, device)
 
 
 @dataclass
@@ -116,16 +116,18 @@ class EvaluationConfig:
     prompts: list[str]
     output_dir: Path
     metrics: list[MetricSpec] = field(default_factory=lambda: [MetricSpec(name) for name in PAPER_METRICS])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = option([0], "Seeds; each prompt is generated once per seed.", **SEED_LIMITS)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    image_cache: Path | None = None
-    batch_size: int = 4
-    grid_pairs: int = 16
-    tie_tolerance: float = 0.0
-    resamples: int = 10_000
-    model_config_dir: str | None = None
-    device: str | None = None
-    dtype: str = "auto"
+    image_cache: Path | None = option(None, "Folder of the generated images, shared by runs (default: "
+                                            "OUTPUT_DIR/images).")
+    batch_size: int = option(4, "Images per UNet batch.", at_least=1)
+    grid_pairs: int = option(16, "Pairs shown side by side in the image grid.", at_least=0)
+    tie_tolerance: float = option(0.0, "Score differences up to this count as ties.", at_least=0)
+    resamples: int = option(10_000, "Bootstrap resamples of the 95%% intervals.", at_least=1, at_most=10_000_000,
+                            flag="--bootstrap")
+    model_config_dir: str | None = option(None, CONFIG_DIR_HELP)
+    device: str | None = option(None, DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP, DTYPE_CHOICES)
     prompt_source: str = ""
 
     def validate(self) -> None:
@@ -142,16 +144,10 @@ class EvaluationConfig:
             raise ValueError(f"A metric is named twice: {[metric.name for metric in self.metrics]}.")
         if self.baseline.label == self.candidate.label:
             raise ValueError(f"The two models need different labels, both are {self.baseline.label!r}.")
-        for flag, value, kind, limits in (
-            ("--batch-size", self.batch_size, "int", {"at_least": 1}),
-            ("--bootstrap", self.resamples, "int", {"at_least": 1, "at_most": 10_000_000}),
-            ("--grid-pairs", self.grid_pairs, "int", {"at_least": 0}),
-            ("--tie-tolerance", self.tie_tolerance, "float", {"at_least": 0}),
-            ("--seeds", self.seeds, "list[int]", {"at_least": 0, "at_most": 2**63 - 1}),
-            ("--baseline-lora-weight", self.baseline.lora_weight, "float", {"at_least": -10, "at_most": 10}),
-            ("--candidate-lora-weight", self.candidate.lora_weight, "float", {"at_least": -10, "at_most": 10}),
-        ):
-            check_value(flag, value, kind, limits)
+        check_fields(self)
+        weight = field_of(SamplingConfig, "lora_weight").metadata["limits"]
+        for name, side in (("baseline", self.baseline), ("candidate", self.candidate)):
+            check_value(f"--{name}-lora-weight", side.lora_weight, "float", weight)
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ValueError(f"--output-dir {self.output_dir} is a file; give a folder (it is created if missing).")
 
@@ -163,6 +159,135 @@ class EvaluationConfig:
     @property
     def cache_root(self) -> Path:
         return Path(self.image_cache) if self.image_cache is not None else Path(self.output_dir) / "images"
+
+
+# --------------------------------------------------------------------------- the command line's options
+
+PARTI_URL = "https://github.com/google-research/parti/blob/main/PartiPrompts.tsv"
+
+
+def _lora_weight_option(side: str):
+    """``--<side>-lora-weight``: the sampling LoRA weight's default and range."""
+    return same_as(SamplingConfig, "lora_weight", flag=None, metavar="W",
+                   help=f"Weight of the {side}'s LoRA (paper: 0.5).")
+
+
+def _lan_option(side: str):
+    """``--<side>-lan [STRENGTH]``: the sampling LAN strength's default and range."""
+    return same_as(SamplingConfig, "lan_strength", flag=None,
+                   help=f"LAN for the {side} (needs its LoRA): bare flag = strength 1 (paper Eq. 7), 0 = off.")
+
+
+@dataclass
+class EvaluationOptions:
+    """The ``trainer/evaluate.py`` flags (and ``--config`` TOML keys); :meth:`to_config` reads the prompts."""
+
+    baseline: str = option(help="Baseline (SFT) model: single-file .safetensors/.ckpt, diffusers folder or hub id.",
+                           metavar="MODEL")
+    prompts: str = option(help="Prompt file: .tsv/.csv (a header row), .txt (one per line) or .jsonl. The paper's "
+                               f"test set is the People category of PartiPrompts.tsv ({PARTI_URL}).")
+    output_dir: str = option(help="Report folder (created).")
+    baseline_lora: str | None = option(None, "HG-DPO LoRA (kohya .safetensors) of the baseline.", metavar="PATH")
+    baseline_lora_weight: float = _lora_weight_option("baseline")
+    baseline_lan: float = _lan_option("baseline")
+    baseline_label: str = option("baseline", "Name of the baseline in the report.")
+    candidate: str | None = option(None, "Candidate model (default: the baseline's; give --candidate-lora).",
+                                   metavar="MODEL")
+    candidate_lora: str | None = option(None, "HG-DPO LoRA (kohya .safetensors) of the candidate.", metavar="PATH")
+    candidate_lora_weight: float = _lora_weight_option("candidate")
+    candidate_lan: float = _lan_option("candidate")
+    candidate_label: str = option("candidate", "Name of the candidate in the report.")
+    category: str | None = option(None, "Keep only rows of this Category of a .tsv/.csv (default: People when the "
+                                        "table has a Category column, as PartiPrompts; '' keeps every row).")
+    prompt_column: str | None = option(None, "Prompt column of a .tsv/.csv (default: Prompt, else the first).")
+    max_prompts: int | None = option(None, "Evaluate only the first N prompts.", at_least=0)
+    seeds: list[int] = same_as(EvaluationConfig, "seeds")
+    image_cache: str | None = same_as(EvaluationConfig, "image_cache")
+    metrics: list[str] = option(list(PAPER_METRICS), "Metrics: pickscore, hpsv2, imagereward, aesthetic, clip, or "
+                                                     "plug-ins 'package.module:callable'.")
+    metric_model: list[str] = option(
+        [], "Weights of a metric: file, folder or hub id (pickscore: PickScore_v1 folder; hpsv2: HPS_v2_compressed.pt; "
+            "imagereward: ImageReward.pt or its folder; aesthetic: sac+logos+ava1-l14-linearMSE.pth; clip: a "
+            "CLIPModel folder). Repeatable.", metavar="NAME=SOURCE", repeat=True)
+    metric_processor: list[str] = option(
+        [], "Second source of a metric (pickscore: CLIP-ViT-H-14 processor; imagereward: bert-base-uncased tokenizer; "
+            "aesthetic: the CLIP ViT-L/14 model folder). Repeatable.", metavar="NAME=SOURCE", repeat=True)
+    steps: int = same_as(SamplingConfig, "steps")
+    guidance_scale: float = same_as(SamplingConfig, "guidance_scale")
+    sampler: str = same_as(SamplingConfig, "sampler")
+    schedule: str = same_as(SamplingConfig, "schedule")
+    resolution: str = option("512", "Image size: N for NxN or WxH, multiples of 8.")
+    negative_prompt: str = same_as(SamplingConfig, "negative_prompt")
+    batch_size: int = same_as(EvaluationConfig, "batch_size")
+    grid_pairs: int = same_as(EvaluationConfig, "grid_pairs")
+    tie_tolerance: float = same_as(EvaluationConfig, "tie_tolerance")
+    resamples: int = same_as(EvaluationConfig, "resamples")
+    model_config_dir: str | None = same_as(EvaluationConfig, "model_config_dir",
+                                           help="Diffusers-layout config folder for single-file models (default: "
+                                                "the bundled SD1.5 configs).")
+    device: str | None = same_as(EvaluationConfig, "device")
+    dtype: str = same_as(EvaluationConfig, "dtype")
+
+    def side(self, name: str) -> ModelSpec:
+        """The ``baseline`` or ``candidate`` model as these options describe it."""
+        return ModelSpec(model=getattr(self, name) or self.baseline, lora=getattr(self, f"{name}_lora"),
+                         lora_weight=getattr(self, f"{name}_lora_weight"), lan_strength=getattr(self, f"{name}_lan"),
+                         label=getattr(self, f"{name}_label"))
+
+    def to_config(self) -> EvaluationConfig:
+        """The :class:`EvaluationConfig` the options describe (the prompt file read, metric sources matched)."""
+        from hgdpo.data.prompts import read_prompts
+        from hgdpo.training.config import parse_resolution
+
+        check_fields(self)
+        width, height = parse_resolution(self.resolution)
+        category = default_category(self.prompts, self.category)
+        prompts = read_prompts(self.prompts, column=self.prompt_column, category=category).prompts
+        if self.max_prompts is not None:
+            prompts = prompts[:self.max_prompts]
+        models = parse_sources(self.metric_model, "--metric-model")
+        processors = parse_sources(self.metric_processor, "--metric-processor")
+        unused = sorted((set(models) | set(processors)) - {name.lower() for name in self.metrics})
+        if unused:
+            raise ValueError(f"--metric-model/--metric-processor name metrics not in --metrics: {', '.join(unused)}.")
+        return EvaluationConfig(
+            baseline=self.side("baseline"), candidate=self.side("candidate"), prompts=prompts,
+            output_dir=Path(self.output_dir),
+            metrics=[MetricSpec(name, models.get(name.lower()), processors.get(name.lower())) for name in self.metrics],
+            seeds=list(self.seeds),
+            sampling=SamplingConfig(steps=self.steps, guidance_scale=self.guidance_scale, sampler=self.sampler,
+                                    schedule=self.schedule, width=width, height=height,
+                                    negative_prompt=self.negative_prompt),
+            image_cache=Path(self.image_cache) if self.image_cache else None, batch_size=self.batch_size,
+            grid_pairs=self.grid_pairs, tie_tolerance=self.tie_tolerance, resamples=self.resamples,
+            model_config_dir=self.model_config_dir, device=self.device, dtype=self.dtype,
+            prompt_source=f"{self.prompts}" + (f" (category {category})" if category else ""),
+        )
+
+
+def parse_sources(items: Sequence[str], flag: str) -> dict[str, str]:
+    """``NAME=SOURCE`` items as a dict (metric names lower-cased)."""
+    result = {}
+    for item in items:
+        name, separator, source = item.partition("=")
+        if not separator or not name or not source:
+            raise ValueError(f"{flag} {item!r}: write NAME=SOURCE, e.g. {flag} hpsv2=models/HPS_v2_compressed.pt.")
+        result[name.strip().lower()] = source
+    return result
+
+
+def default_category(path: str, category: str | None) -> str | None:
+    """The category filter: the one given ('' = none), else People for a table with a Category column."""
+    from hgdpo.data.prompts import CATEGORY_COLUMN
+
+    if category is not None:
+        return category or None
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".tsv", ".csv") or not Path(path).is_file():
+        return None
+    with open(path, encoding="utf-8-sig") as handle:
+        header = handle.readline().rstrip("\r\n").split("\t" if suffix == ".tsv" else ",")
+    return "People" if CATEGORY_COLUMN in header else None
 
 
 # --------------------------------------------------------------------------- the image cache
@@ -361,7 +486,7 @@ def latent_section(stats: dict[str, tuple[np.ndarray, np.ndarray]], baseline: st
 def _resolve_device(config: EvaluationConfig) -> tuple[torch.device, torch.dtype]:
     from accelerate import PartialState
 
-    from hgdpo.cli import resolve_dtype
+    from hgdpo.models.loading import resolve_dtype
 
     device = torch.device(config.device) if config.device else PartialState().device
     return device, resolve_dtype(config.dtype, device)

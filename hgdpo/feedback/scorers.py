@@ -298,6 +298,18 @@ def _import_plugin(spec: str) -> Any:
     return target
 
 
+SCORER_HELP = "Scorer: 'pickscore' (paper), 'clip', or a plug-in 'package.module:callable'."
+SCORER_MODEL_HELP = "Scorer model folder or hub id (default: the scorer's own default)."
+SCORER_PROCESSOR_HELP = "Scorer processor folder or hub id (PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."
+
+
+def load_named_scorer(spec: str, model: str | Path | None, processor: str | Path | None,
+                      device: str | torch.device = "cpu") -> Scorer:
+    """:func:`load_scorer` with an optional second source (``processor``; ``None``: the scorer's default)."""
+    options = {"processor": processor} if processor else {}
+    return load_scorer(spec, model=model, device=device, **options)
+
+
 def load_scorer(spec: str, model: str | Path | None = None, device: str | torch.device = "cpu",
                 **kwargs: Any) -> Scorer:
     """Build a scorer from a name or a plug-in reference.

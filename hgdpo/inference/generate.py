@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from hgdpo.inference import infotext
-from hgdpo.options import check_value, flag_name
+from hgdpo.feedback.scorers import SCORER_HELP, SCORER_MODEL_HELP, SCORER_PROCESSOR_HELP, load_named_scorer
 from hgdpo.inference.sampling import ImageGenerator, SamplingConfig, best_of_n
+from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_sd15, resolve_dtype
+from hgdpo.options import SEED_LIMITS, check_fields, nested, option
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -22,58 +23,57 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+COUNT_LIMITS = {"at_least": 1, "at_most": 10_000}
+
 
 @dataclass
 class GenerateJob:
-    """What to generate and where; see ``trainer/sample.py --help`` for each field."""
+    """What to generate and where: the ``trainer/sample.py`` flags (``--help`` documents each field)."""
 
-    model: str
-    prompts: list[str]
-    output_dir: Path
-    config: SamplingConfig = field(default_factory=SamplingConfig)
-    lora: str | None = None
-    dpo_model: str | None = None
-    best_of: int = 1
-    num_images: int = 1
-    seed: int = 0
-    batch_size: int = 4
-    save_candidates: bool = False
-    save_sft: bool = False
-    shared_forward: bool = True
-    scorer_arguments: argparse.Namespace | None = None
-    model_config_dir: str | None = None
-    device: str | None = None
-    dtype: str = "auto"
+    model: str = option(help="SD1.5-family model (the SFT model): single-file .safetensors/.ckpt, diffusers folder "
+                             "or hub id.")
+    prompt: list[str] = option([], "A prompt (repeatable; same as a positional PROMPT).", repeat=True)
+    prompts: str | None = option(None, "Prompt file: .txt (one per line), .tsv/.csv (with a header) or .jsonl.")
+    category: str | None = option(None, "Keep only rows of this Category of a .tsv/.csv (e.g. People).")
+    output_dir: Path = option(Path("outputs"), "Folder for the PNG files (created).")
+    config: SamplingConfig = nested(SamplingConfig)
+    lora: str | None = option(None, "HG-DPO LoRA (kohya .safetensors); the DPO model is the model plus this LoRA.")
+    dpo_model: str | None = option(None, "A separate DPO checkpoint instead of (or besides) --lora; costs a second "
+                                         "copy of the UNet.")
+    best_of: int = option(1, "Generate N candidates per image and keep the one the scorer prefers.", metavar="N",
+                          **COUNT_LIMITS)
+    num_images: int = option(1, "Images per prompt.", **COUNT_LIMITS)
+    seed: int = option(0, "Base seed: image j of prompt i uses seed + (i*num_images + j)*best_of (+k for "
+                          "candidate k).", **SEED_LIMITS)
+    batch_size: int = option(4, "Images (or candidates) per UNet batch.", **COUNT_LIMITS)
+    save_candidates: bool = option(False, "With --best-of: also save every candidate, ranked, under "
+                                          "OUTPUT_DIR/candidates/.")
+    save_sft: bool = option(False, "With --lan: also save the SFT trajectory's image (no extra cost).")
+    two_forwards: bool = option(False, "With --lan and --lora: evaluate SFT and DPO in two UNet calls instead of "
+                                       "one batched call.")
+    scorer: str = option("pickscore", SCORER_HELP)
+    scorer_model: str | None = option(None, SCORER_MODEL_HELP)
+    scorer_processor: str | None = option(None, SCORER_PROCESSOR_HELP)
+    model_config_dir: str | None = option(None, CONFIG_DIR_HELP)
+    device: str | None = option(None, DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP, DTYPE_CHOICES)
 
-    @classmethod
-    def from_arguments(cls, arguments: argparse.Namespace) -> GenerateJob:
+    @property
+    def shared_forward(self) -> bool:
+        """Whether one UNet call evaluates the SFT and the DPO half of a LAN batch."""
+        return not self.two_forwards
+
+    def prompt_texts(self) -> list[str]:
+        """The prompts given as text, then those of the prompt file."""
         from hgdpo.data.prompts import read_prompts
 
-        prompts = [*arguments.prompt_text, *arguments.prompt]
-        if arguments.prompts:
-            prompts += read_prompts(arguments.prompts, category=arguments.category)
-        config = SamplingConfig(
-            steps=arguments.steps, guidance_scale=arguments.cfg, sampler=arguments.sampler,
-            schedule=arguments.schedule, width=arguments.width, height=arguments.height,
-            negative_prompt=arguments.negative_prompt, lora_weight=arguments.lora_weight,
-            lan_strength=arguments.lan,
-        )
-        return cls(
-            model=arguments.model, prompts=prompts, output_dir=Path(arguments.output_dir), config=config,
-            lora=arguments.lora, dpo_model=arguments.dpo_model, best_of=arguments.best_of,
-            num_images=arguments.num_images, seed=arguments.seed, batch_size=arguments.batch_size,
-            save_candidates=arguments.save_candidates, save_sft=arguments.save_sft,
-            shared_forward=not arguments.two_forwards, scorer_arguments=arguments,
-            model_config_dir=arguments.model_config_dir, device=arguments.device, dtype=arguments.dtype,
-        )
+        return [*self.prompt, *(read_prompts(self.prompts, category=self.category) if self.prompts else [])]
 
     def validate(self) -> None:
+        check_fields(self)
         self.config.validate()
-        if not self.prompts:
+        if not self.prompt_texts():
             raise ValueError("No prompt given: pass PROMPT, --prompt TEXT or --prompts FILE.")
-        for name in ("best_of", "num_images", "batch_size"):
-            check_value(flag_name(name), getattr(self, name), "int", {"at_least": 1, "at_most": 10_000})
-        check_value("--seed", self.seed, "int", {"at_least": 0, "at_most": 2**63 - 1})
         for flag, path in (("--lora", self.lora), ("--model-config-dir", self.model_config_dir)):
             if path is not None and not Path(path).expanduser().exists():
                 raise FileNotFoundError(f"{flag} {path} not found; check the path.")
@@ -85,7 +85,7 @@ class GenerateJob:
 
     def items(self) -> Iterator[tuple[int, str, int]]:
         """(output index, prompt, base seed) of every output image."""
-        for i, prompt in enumerate(self.prompts):
+        for i, prompt in enumerate(self.prompt_texts()):
             for j in range(self.num_images):
                 index = i * self.num_images + j
                 yield index, prompt, self.seed + index * self.best_of
@@ -127,9 +127,6 @@ def _short_hash(path: str | None, length: int) -> str | None:
 def _load_generator(job: GenerateJob) -> ImageGenerator:
     from accelerate import PartialState
 
-    from hgdpo.cli import resolve_dtype
-    from hgdpo.models.loading import load_sd15
-
     device = torch.device(job.device) if job.device else PartialState().device
     sft = load_sd15(job.model, config_dir=job.model_config_dir)
     dpo = load_sd15(job.dpo_model, config_dir=job.model_config_dir) if job.dpo_model else None
@@ -140,9 +137,7 @@ def _load_generator(job: GenerateJob) -> ImageGenerator:
 def _load_scorer(job: GenerateJob, device: torch.device) -> Scorer | None:
     if job.best_of == 1:
         return None
-    from hgdpo.cli import scorer_from_arguments
-
-    return scorer_from_arguments(job.scorer_arguments, device)
+    return load_named_scorer(job.scorer, job.scorer_model, job.scorer_processor, device)
 
 
 def run_generate_job(job: GenerateJob, show_progress: bool = True) -> list[Path]:

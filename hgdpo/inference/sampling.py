@@ -29,7 +29,7 @@ import torch
 
 from hgdpo.inference.lan import normalize_stacked
 from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAFile, attach_lora, read_lora
-from hgdpo.options import check_value
+from hgdpo.options import check_fields, option
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -58,32 +58,26 @@ SCHEDULES = ("normal", "karras")
 class SamplingConfig:
     """Sampling settings; the defaults are the paper's (DPM-Solver++, 50 steps, CFG 5, LoRA weight 0.5)."""
 
-    steps: int = 50
-    guidance_scale: float = 5.0
-    sampler: str = "dpmpp_2m"
-    schedule: str = "normal"
-    width: int = 512
-    height: int = 512
-    negative_prompt: str = ""
-    lora_weight: float = 0.5
-    lan_strength: float = 0.0
+    steps: int = option(50, "Sampling steps (paper: 50).", at_least=1, at_most=1000)
+    guidance_scale: float = option(5.0, "Classifier-free guidance scale (paper: 5.0).", at_least=0, flag="--cfg")
+    sampler: str = option("dpmpp_2m", "Sampler (diffusers scheduler; paper: DPM-Solver++, dpmpp_2m).",
+                          tuple(SAMPLERS))
+    schedule: str = option("normal", "Noise schedule (karras: Karras sigmas).", SCHEDULES)
+    width: int = option(512, "Image width, a multiple of 8.", at_least=8, at_most=8192)
+    height: int = option(512, "Image height, a multiple of 8.", at_least=8, at_most=8192)
+    negative_prompt: str = option("", "Negative prompt for guidance.")
+    lora_weight: float = option(0.5, "LoRA weight (paper: 0.5).", at_least=-10, at_most=10)
+    lan_strength: float = option(
+        0.0, "Latent adaptive normalization: sample SFT and DPO in lockstep and renormalise the DPO latent after "
+             "each step (Eq. 7). Bare --lan means strength 1 (the paper); 0 turns it off.",
+        at_least=0, at_most=1, flag="--lan", metavar="STRENGTH", const=1.0)
     """0 samples the DPO model alone; (0, 1] samples SFT and DPO in lockstep with LAN (1 = Eq. 7)."""
 
     def validate(self) -> None:
         """Check every setting (type, range, finiteness) before anything is loaded; one-line ValueError."""
         if self.sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"Unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
-        for flag, value, kind, limits in (
-            ("--steps", self.steps, "int", {"at_least": 1, "at_most": 1000}),
-            ("--cfg", self.guidance_scale, "float", {"at_least": 0}),
-            ("--width", self.width, "int", {"at_least": 8, "at_most": 8192}),
-            ("--height", self.height, "int", {"at_least": 8, "at_most": 8192}),
-            ("--lora-weight", self.lora_weight, "float", {"at_least": -10, "at_most": 10}),
-            ("--lan", self.lan_strength, "float", {"at_least": 0, "at_most": 1}),
-        ):
-            check_value(flag, value, kind, limits)
+        check_fields(self)
         if self.width % 8 or self.height % 8:
             raise ValueError(f"Width and height must be positive multiples of 8, got {self.width}x{self.height}.")
 

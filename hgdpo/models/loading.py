@@ -29,6 +29,19 @@ from hgdpo.safe_load import load_pickle
 
 logger = logging.getLogger(__name__)
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # precision names of every frontend
+DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPE_HELP = "Model precision (auto: fp16 on CUDA, fp32 elsewhere)."
+DEVICE_HELP = "Device, e.g. cuda:0 or cpu (default: the accelerator)."
+CONFIG_DIR_HELP = "Diffusers-layout config folder for a single-file --model (default: the bundled SD1.5 configs)."
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on CUDA, fp32 elsewhere; otherwise the named precision."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
 SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 UNET_PREFIX = "model.diffusion_model."

@@ -7,30 +7,12 @@ Precedence: built-in defaults < ``--config FILE`` (TOML) < flags given on the co
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from hgdpo.models.loading import DTYPES  # noqa: F401  (the precision names, where training code has them)
+from hgdpo.options import check_fields, config_parser, flag_name, option, parse_config, save_config, to_toml
 from hgdpo.training.losses import DEFAULT_BETA, DEFAULT_LAMBDA_STAT
-from hgdpo.options import check_value, flag_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10 (AUTOMATIC1111's): the same parser as a package
-    import tomli as tomllib
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # precision names used by every CLI
-
-
-def _option(default, help: str, choices: tuple | None = None, *, at_least=None, above=None, below=None,
-            at_most=None):
-    """A config field: its help text, its allowed values (``choices``) or range, checked by ``validate``."""
-    limits = {"at_least": at_least, "above": above, "below": below, "at_most": at_most}
-    return field(default=default, metadata={"help": help, "choices": choices,
-                                            "limits": {k: v for k, v in limits.items() if v is not None}})
-
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MAX_SEED = 2**32 - 1
@@ -39,84 +21,84 @@ MAX_SEED = 2**32 - 1
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = _option(None, "SD1.5-family model: single-file .safetensors/.ckpt, diffusers folder or hub id.")
-    dataset: str = _option(None, "Triplet dataset folder (index.parquet) or Pick-a-Pic v2 style parquet file/folder.")
-    output_dir: str = _option(None, "Folder for the LoRA, checkpoints, logs and validation images.")
-    output_name: str = _option("hgdpo_lora", "File name (without .safetensors) of the final LoRA.")
-    model_config_dir: str = _option(
+    model: str = option(None, "SD1.5-family model: single-file .safetensors/.ckpt, diffusers folder or hub id.")
+    dataset: str = option(None, "Triplet dataset folder (index.parquet) or Pick-a-Pic v2 style parquet file/folder.")
+    output_dir: str = option(None, "Folder for the LoRA, checkpoints, logs and validation images.")
+    output_name: str = option("hgdpo_lora", "File name (without .safetensors) of the final LoRA.")
+    model_config_dir: str = option(
         None, "Diffusers-layout config folder for single-file checkpoints (default: bundled SD1.5 configs)."
     )
-    people_only: bool = _option(False, "Pick-a-Pic input: keep only pairs whose caption is about people ('(H)').")
-    bad_images: str = _option(
+    people_only: bool = option(False, "Pick-a-Pic input: keep only pairs whose caption is about people ('(H)').")
+    bad_images: str = option(
         "skip", "Corrupt or missing dataset image: skip the pair (counted) or stop.", ("skip", "stop")
     )
     # objective
-    loss: str = _option(
+    loss: str = option(
         "hgdpo",
         "hgdpo: DPO + statistic matching (Eq. 9); dpo: Diffusion-DPO only (Eq. 3); sft: noise-prediction loss "
         "on winners (the paper's SFT baseline).",
         ("hgdpo", "dpo", "sft"),
     )
-    beta: float = _option(
+    beta: float = option(
         DEFAULT_BETA, "DPO beta of Eq. 3 (paper: 2500; Salesforce's code writes 0.5*beta_dpo with beta_dpo=5000).",
         above=0,
     )
-    lambda_stat: float = _option(DEFAULT_LAMBDA_STAT, "Weight of the statistic-matching loss, Eq. 9 (paper: 10000).",
+    lambda_stat: float = option(DEFAULT_LAMBDA_STAT, "Weight of the statistic-matching loss, Eq. 9 (paper: 10000).",
                                 at_least=0)
     # LoRA
-    lora_rank: int = _option(8, "LoRA rank (paper: 8).", at_least=1, at_most=1024)
-    lora_alpha: float = _option(8.0, "LoRA alpha; the update is scaled by alpha/rank (default: 8).",
+    lora_rank: int = option(8, "LoRA rank (paper: 8).", at_least=1, at_most=1024)
+    lora_alpha: float = option(8.0, "LoRA alpha; the update is scaled by alpha/rank (default: 8).",
                                 above=0)
-    lora_targets: str = _option("to_q,to_k,to_v,to_out.0", "Comma-separated UNet linears to adapt (paper: attention).")
+    lora_targets: str = option("to_q,to_k,to_v,to_out.0", "Comma-separated UNet linears to adapt (paper: attention).")
     # data
-    resolution: str = _option("512", "Training size: N for NxN or WxH such as 704x1024 (paper); multiples of 8.")
-    batch_size: int = _option(1, "Pairs per device per micro-batch.", at_least=1)
-    effective_batch_size: int = _option(16, "Pairs per optimizer step over all devices, via accumulation (paper: 16).",
+    resolution: str = option("512", "Training size: N for NxN or WxH such as 704x1024 (paper); multiples of 8.")
+    batch_size: int = option(1, "Pairs per device per micro-batch.", at_least=1)
+    effective_batch_size: int = option(16, "Pairs per optimizer step over all devices, via accumulation (paper: 16).",
                                           at_least=1)
-    cache_dir: str = _option(
+    cache_dir: str = option(
         None, "Where VAE latents and text embeddings are cached (default: $HGDPO_CACHE or ~/.cache/hgdpo)."
     )
     # optimisation
-    max_steps: int = _option(2000, "Optimizer steps to train.", at_least=1)
-    learning_rate: float = _option(1e-5, "AdamW learning rate (paper: 1e-5).", above=0)
-    adam_beta1: float = _option(0.9, "AdamW beta1 (paper: 0.9).", at_least=0, below=1)
-    adam_beta2: float = _option(0.999, "AdamW beta2 (paper: 0.999).", at_least=0, below=1)
-    adam_weight_decay: float = _option(1e-2, "AdamW weight decay.", at_least=0)
-    adam_epsilon: float = _option(1e-8, "AdamW epsilon.", above=0)
-    optimizer: str = _option(
+    max_steps: int = option(2000, "Optimizer steps to train.", at_least=1)
+    learning_rate: float = option(1e-5, "AdamW learning rate (paper: 1e-5).", above=0)
+    adam_beta1: float = option(0.9, "AdamW beta1 (paper: 0.9).", at_least=0, below=1)
+    adam_beta2: float = option(0.999, "AdamW beta2 (paper: 0.999).", at_least=0, below=1)
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay.", at_least=0)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.", above=0)
+    optimizer: str = option(
         "adamw8bit", "adamw8bit (bitsandbytes, falls back to adamw with a warning where it cannot run) or adamw.",
         ("adamw8bit", "adamw"),
     )
-    lr_scheduler: str = _option("constant", "diffusers LR schedule.", LR_SCHEDULERS)
-    lr_warmup_steps: int = _option(0, "LR warm-up steps.", at_least=0)
-    max_grad_norm: float = _option(1.0, "Gradient clipping norm (0 disables clipping).", at_least=0)
-    mixed_precision: str = _option("no", "Mixed precision: no, fp16 (GPU only) or bf16.", ("no", "fp16", "bf16"))
-    gradient_checkpointing: bool = _option(False, "Trade compute for memory in the UNet.")
-    seed: int = _option(0, "Seed for the LoRA init, data order, noise and timesteps.", at_least=0,
+    lr_scheduler: str = option("constant", "diffusers LR schedule.", LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, "LR warm-up steps.", at_least=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).", at_least=0)
+    mixed_precision: str = option("no", "Mixed precision: no, fp16 (GPU only) or bf16.", ("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet.")
+    seed: int = option(0, "Seed for the LoRA init, data order, noise and timesteps.", at_least=0,
                         at_most=MAX_SEED)
-    max_nonfinite_steps: int = _option(5, "Stop after this many optimizer steps in a row with NaN/inf gradients.",
+    max_nonfinite_steps: int = option(5, "Stop after this many optimizer steps in a row with NaN/inf gradients.",
                                       at_least=1)
     # checkpoints, logs, validation
-    checkpointing_steps: int = _option(500, "Write a resumable checkpoint every N optimizer steps.", at_least=1)
-    checkpoints_total_limit: int = _option(
+    checkpointing_steps: int = option(500, "Write a resumable checkpoint every N optimizer steps.", at_least=1)
+    checkpoints_total_limit: int = option(
         3, "Keep this many newest checkpoints (the one just written is always kept).", at_least=1
     )
-    resume: str = _option(None, "'latest' or a checkpoint folder to continue from.")
-    save_precision: str = _option("fp16", "dtype of the saved LoRA file.", ("fp16", "bf16", "fp32"))
-    log_every: int = _option(1, "Log scalars to TensorBoard every N optimizer steps.", at_least=1)
-    validation_steps: int = _option(500, "Render validation images every N optimizer steps and at the end (0: never).",
+    resume: str = option(None, "'latest' or a checkpoint folder to continue from.")
+    save_precision: str = option("fp16", "dtype of the saved LoRA file.", ("fp16", "bf16", "fp32"))
+    log_every: int = option(1, "Log scalars to TensorBoard every N optimizer steps.", at_least=1)
+    validation_steps: int = option(500, "Render validation images every N optimizer steps and at the end (0: never).",
                                    at_least=0)
-    validation_prompts: list[str] = _option(
+    validation_prompts: list[str] = option(
         None, "Prompts for validation images (default: the dataset's first two prompts)."
     )
-    validation_seeds: list[int] = _option(None, "Seeds for validation images (default: 0 1).", at_least=0,
+    validation_seeds: list[int] = option(None, "Seeds for validation images (default: 0 1).", at_least=0,
                                           at_most=MAX_SEED)
-    validation_lora_weights: list[float] = _option(
+    validation_lora_weights: list[float] = option(
         None, "LoRA weights shown side by side (default: 0 0.5; paper: 0.5)."
     )
-    validation_inference_steps: int = _option(20, "DPM-Solver++ steps for validation images (paper sampling: 50).",
+    validation_inference_steps: int = option(20, "DPM-Solver++ steps for validation images (paper sampling: 50).",
                                              at_least=1, at_most=1000)
-    validation_guidance_scale: float = _option(5.0, "CFG scale for validation images (paper: 5.0).",
+    validation_guidance_scale: float = option(5.0, "CFG scale for validation images (paper: 5.0).",
                                                  at_least=0)
 
     def __post_init__(self) -> None:
@@ -137,11 +119,7 @@ class TrainConfig:
         for name in ("model", "dataset", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"{flag_name(name)} is required (flag or config file).")
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            if value is not None:
-                check_value(flag_name(spec.name), value, spec.type, spec.metadata["limits"],
-                            spec.metadata["choices"])
+        check_fields(self)
         self.size  # noqa: B018  (raises on a bad resolution)
         if self.effective_batch_size % self.batch_size:
             raise ValueError(f"--effective-batch-size {self.effective_batch_size} must be a multiple of --batch-size "
@@ -171,23 +149,7 @@ class TrainConfig:
 
     def to_toml(self) -> str:
         """The config as a TOML document that ``--config`` reads back."""
-        lines = []
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            if value is not None:
-                lines.append(f"{spec.name} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+        return to_toml(self)
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -206,50 +168,14 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """Command-line flags for every :class:`TrainConfig` field, plus ``--config``."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Train an HG-DPO LoRA for an SD1.5-family model from a preference dataset.",
-    )
-    parser.add_argument("--config", help="TOML file with any of the options below (flags override it).")
-    for spec in fields(TrainConfig):
-        flag = "--" + spec.name.replace("_", "-")
-        kind = spec.type
-        help_text = spec.metadata["help"]
-        if "default" not in help_text:
-            help_text += f" (default: {'none' if spec.default is None else spec.default})"
-        options = {"help": help_text, "default": argparse.SUPPRESS}
-        if spec.metadata.get("choices"):
-            options["choices"] = spec.metadata["choices"]
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
-        elif kind.startswith("list["):
-            options["nargs"] = "+"
-            options["type"] = {"list[str]": str, "list[int]": int, "list[float]": float}[kind]
-            parser.add_argument(flag, **options)
-        else:
-            options["type"] = {"int": int, "float": float}.get(kind, str)
-            parser.add_argument(flag, **options)
-    return parser
+    return config_parser(TrainConfig, "Train an HG-DPO LoRA for an SD1.5-family model from a preference dataset.",
+                         prog)
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse flags (and the TOML file named by ``--config``) into a validated :class:`TrainConfig`."""
     parser = build_parser()
-    arguments = vars(parser.parse_args(argv))
-    values: dict = {}
-    config_file = arguments.pop("config", None)
-    if config_file:
-        try:
-            with open(config_file, "rb") as handle:
-                values = {key.replace("-", "_"): value for key, value in tomllib.load(handle).items()}
-        except (OSError, ValueError) as error:  # missing file, or TOML syntax (TOMLDecodeError is a ValueError)
-            parser.error(f"--config {config_file}: cannot read it as TOML ({error}); fix or remove the file.")
-        known = {spec.name for spec in fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SystemExit(f"{config_file}: unknown option(s) {unknown}.")
-    values.update(arguments)
-    config = TrainConfig(**values)
+    config, _ = parse_config(TrainConfig, parser, argv)
     try:
         config.validate()
     except ValueError as error:
@@ -257,5 +183,4 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     return config
 
 
-def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(config.to_toml(), encoding="utf-8")
+__all__ = ["DTYPES", "MAX_SEED", "TrainConfig", "build_parser", "load_config", "parse_resolution", "save_config"]
