@@ -13,7 +13,7 @@ the DPO half in place (LAN) and runs the WebUI's own ``CFGDenoiser.forward`` onc
 with the conditionings given to both halves: CFG's conditional and unconditional chunks each stack both
 chains, so each step is **one UNet call**, and a UNet pre-hook sets the HG-DPO LoRA's scale per row (0 on
 SFT rows, the slider's weight on DPO rows). The LoRA is functional (forward hooks on the UNet's layers,
-:class:`extension.lora_hooks.FollowingLoRA`), attached once per generation: the weights are never merged
+:class:`hgdpo.models.lora_runtime.FollowingLoRA`), attached once per generation: the weights are never merged
 or re-patched, and other LoRAs of the prompt apply to both chains. Prompts composed with AND repeat rows
 per image; for them the denoiser makes two calls per step instead (the SFT half at scale 0, then the DPO
 half at the weight), rewinding ``CFGDenoiser.step`` in between. Either way the step counter, prompt
@@ -34,12 +34,11 @@ from modules import prompt_parser, sd_samplers, sd_samplers_common, sd_samplers_
 
 from hgdpo.models.ldm_names import ldm_unet_kohya_names
 from hgdpo.inference.lockstep import row_scales
-from hgdpo.models.lora_runtime import LoRAArchitectureError, LoRAFile
+from hgdpo.models.lora_runtime import FollowingLoRA, LoRAArchitectureError, LoRAFile, clip_text_kohya_names
 
 from . import lockstep, lora_files
 from . import settings as hs
 from . import webui_backend as backend
-from .lora_hooks import FollowingLoRA, clip_text_kohya_names
 
 SETTINGS_ATTRIBUTE = "hgdpo_settings"
 """Attribute of the processing object where the HG-DPO script leaves the generation's settings."""

@@ -12,9 +12,9 @@ drive it like any guider (previews, progress bar, interrupt, img2img, masks). It
 
    * **shared weights** (the DPO model is the SFT model plus weight patches, e.g. ``HG-DPO LoRA`` on the
      same checkpoint loader): ComfyUI loads only the SFT variant; the LoRA patches the DPO adds are
-     applied functionally (:class:`hgdpo.models.lora_runtime.FunctionalLoRA` forward hooks) with a per-row
-     scale, 0 on SFT rows and 1 on DPO rows: one batched forward, one copy of the weights, no
-     re-patching;
+     applied functionally (:class:`hgdpo.models.lora_runtime.FollowingLoRA` forward hooks, computed where
+     each layer computes: offloaded, manually cast and fp8-stored layers alike) with a per-row scale, 0 on
+     SFT rows and 1 on DPO rows: one batched forward, one copy of the weights, no re-patching;
    * **two checkpoints**: both models are loaded together (the DPO one as an additional model of the
      guider) and each gets its rows (both with the SFT ModelPatcher's model options: its patches and
      wrappers);
@@ -32,14 +32,13 @@ from typing import Any
 import torch
 
 from hgdpo.inference import lockstep
-from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAModule
+from hgdpo.models.lora_runtime import FollowingLoRA, LoRAModule
 
 from . import comfy_internals as comfy
 
 logger = logging.getLogger(__name__)
 
 WRAPPER_KEY = "hgdpo_lan"
-STORED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class LANError(ValueError):
@@ -65,7 +64,7 @@ def lora_layers(dpo, sft) -> list[dict[str, LoRAModule]] | None:
     """The LoRA patches the DPO ModelPatcher adds on top of the SFT's, keyed by module path; None for two models.
 
     Each list entry holds one LoRA layer (the first patch every key adds, then the second...), so stacked
-    LoRAs become stacked :class:`FunctionalLoRA` s. ``strength`` is folded into the up weights.
+    LoRAs become stacked :class:`FollowingLoRA` s. ``strength`` is folded into the up weights.
     """
     if not comfy.shares_weights(dpo, sft):
         return None
@@ -117,22 +116,6 @@ def _take_options(options: dict, rows: int, index: torch.Tensor, pair: int, half
     """transformer_options for one chain: its top-level tensors (``sigmas``) sliced, the rest shared."""
     return {key: _take(value, rows, index, pair, half) if isinstance(value, torch.Tensor) else value
             for key, value in options.items()}
-
-
-def _check_storage(modules: dict) -> None:
-    """Refuse layers stored in fp8 or quantized: the functional LoRA would be cast to the storage dtype.
-
-    Layers on the offload device (lowvram, dynamic VRAM) are fine: the LoRA term is computed on the device and
-    dtype of the layer's input, after ComfyUI's own cast forward.
-    """
-    for path, module in modules.items():
-        weight = module.weight
-        if weight.dtype not in STORED_DTYPES or type(weight.data) is not torch.Tensor:
-            raise LANError(
-                f"LAN's shared-weights path adds the HG-DPO LoRA to the layers as they are stored, but {path} is "
-                f"stored as {weight.dtype} ({type(weight.data).__name__}: fp8 or quantized). Load the model in "
-                "fp16/bf16/fp32, or load the DPO model as its own checkpoint."
-            )
 
 
 # --------------------------------------------------------------------------- sampler
@@ -200,7 +183,7 @@ class LANGuider(comfy.HookedCFGGuider):
         self.dpo = dpo
         self.strength = float(strength)
         self.batch = 0
-        self._hooks: list[FunctionalLoRA] = []
+        self._hooks: list[FollowingLoRA] = []
         self.sft_samples: torch.Tensor | None = None
 
     @property
@@ -238,9 +221,9 @@ class LANGuider(comfy.HookedCFGGuider):
             logger.debug("LAN: dynamic VRAM; the HG-DPO LoRA is added after ComfyUI's per-layer weight cast.")
         try:
             for number, layer in enumerate(self.layers or []):
-                modules = comfy.submodules(self.model_patcher, layer)
-                _check_storage(modules)
-                hooks.append(FunctionalLoRA(modules, layer, 0.0, label=f"HG-DPO LoRA patch {number + 1}"))
+                hooks.append(FollowingLoRA(comfy.submodules(self.model_patcher, layer), layer, 0.0,
+                                           label=f"HG-DPO LoRA patch {number + 1}",
+                                           compute_dtype=comfy.compute_dtype(self.model_patcher)))
             self._hooks = hooks
             yield
         finally:

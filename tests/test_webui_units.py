@@ -21,7 +21,7 @@ from torch import nn
 
 from extension import best_of, install_plan, lockstep, lora_files, webui_harness
 from extension import settings as hs
-from extension.lora_hooks import FollowingLoRA, clip_text_kohya_names
+from hgdpo.models.lora_runtime import FollowingLoRA, clip_text_kohya_names
 from hgdpo.inference.infotext import (
     BEST_OF_KEY,
     LAN_KEY,
@@ -47,7 +47,7 @@ def test_framework_free_modules_import_without_the_webui():
     """CI imports these; the WebUI glue must stay out of them (no ``modules``, no gradio)."""
     code = (
         "import sys; import extension.settings, extension.lockstep, extension.lora_files, extension.best_of, "
-        "extension.install_plan, extension.lora_hooks, extension.webui_harness, hgdpo.models.ldm_names; "
+        "extension.install_plan, extension.webui_harness, hgdpo.models.ldm_names; "
         "bad = [m for m in ('modules', 'gradio', 'k_diffusion', 'diffusers') if m in sys.modules]; "
         "assert not bad, bad"
     )
