@@ -5,7 +5,7 @@
 * :mod:`.nodes_pickscore` -- ``PickScore Loader`` and ``PickScore Best-of-N``.
 
 The nodes are thin: the maths lives in the ``hgdpo`` library next to this folder (:mod:`hgdpo.inference.lan`,
-:mod:`hgdpo.inference.lockstep`, :mod:`hgdpo.models.lora_runtime`, :mod:`hgdpo.feedback.scorers`, :mod:`hgdpo.data.selection`), the
+:mod:`hgdpo.inference.lockstep_batch`, :mod:`hgdpo.models.lora_runtime`, :mod:`hgdpo.feedback.scorers`, :mod:`hgdpo.data.selection`), the
 ComfyUI-specific sampling glue in :mod:`.lan_guider`, and every ComfyUI internal any of them touches in
 :mod:`.comfy_internals` (with the versions it was checked on). Nothing heavy is imported until ComfyUI asks for the
 node list, and each node imports what it needs when it runs.

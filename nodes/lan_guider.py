@@ -3,7 +3,7 @@
 :class:`LANGuider` is a ``comfy.samplers.CFGGuider``, so ``SamplerCustomAdvanced`` and the LAN KSampler
 drive it like any guider (previews, progress bar, interrupt, img2img, masks). Its ``sample``
 
-1. doubles noise and latent into the lockstep batch ``[sft; dpo]`` (:mod:`hgdpo.inference.lockstep`),
+1. doubles noise and latent into the lockstep batch ``[sft; dpo]`` (:mod:`hgdpo.inference.lockstep_batch`),
 2. runs the given SAMPLER on it, wrapped by :func:`lockstep_sampler`: the sampler's history is then
    per row (per chain), its noise sampler draws for one chain and repeats the draw, and its denoiser
    renormalises the DPO half in place before every evaluation (LAN after every step) and once at the end,
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from hgdpo.inference import lockstep
+from hgdpo.inference import lockstep_batch
 from hgdpo.models.lora_runtime import FollowingLoRA, LoRAModule
 
 from . import comfy_internals as comfy
@@ -144,14 +144,14 @@ def lockstep_sampler(sampler, batch: int, strength: float):
         seed = extra_args.get("seed")
         single = comfy.random_inpaint_noise(model, x[:batch], seed) if random_inpaint else None
         if single is not None:  # as KSAMPLER.sample draws it, per chain
-            comfy.set_inpaint_noise(model, lockstep.paired(single))
+            comfy.set_inpaint_noise(model, lockstep_batch.paired(single))
         if make_noise is not None and options.get("noise_sampler") is None and len(sigmas) > 1:
-            options["noise_sampler"] = lockstep.PairedNoiseSampler(make_noise(x[:batch], sigmas, seed))
-        denoiser = lockstep.LANDenoiser(model, batch, strength)
+            options["noise_sampler"] = lockstep_batch.PairedNoiseSampler(make_noise(x[:batch], sigmas, seed))
+        denoiser = lockstep_batch.InPlaceLANDenoiser(model, batch, strength)
         samples = function(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
         if samples.shape[0] != 2 * batch:  # not the lockstep batch (should not happen): leave it alone
             return samples
-        return lockstep.finish(samples, batch, strength)
+        return lockstep_batch.finish(samples, batch, strength)
 
     lockstep_function.__name__ = f"lan_{getattr(function, '__name__', 'sampler')}"
     return comfy.ksampler(lockstep_function, inner_options, inpaint_options)
@@ -204,7 +204,7 @@ class LANGuider(comfy.HookedCFGGuider):
                 x0, x = x0[batch:], x[batch:]
             return callback(step, x0, x, total_steps)
 
-        samples = super().sample(lockstep.paired(noise), lockstep.paired(latent_image), wrapped, sigmas,
+        samples = super().sample(lockstep_batch.paired(noise), lockstep_batch.paired(latent_image), wrapped, sigmas,
                                  denoise_mask=denoise_mask, callback=None if callback is None else dpo_callback,
                                  disable_pbar=disable_pbar, seed=seed, **kwargs)
         if samples.shape[0] != 2 * batch:  # no steps to take: ComfyUI hands the latent back
@@ -238,12 +238,12 @@ class LANGuider(comfy.HookedCFGGuider):
         if batch == 0 or rows % (2 * batch):
             raise LANError(f"LAN: the model was called on {rows} rows, not on lockstep batches of {2 * batch}.")
         if self.shared_weights:
-            scales = lockstep.row_scales(rows, batch, 1.0, device=x.device)
+            scales = lockstep_batch.row_scales(rows, batch, 1.0, device=x.device)
             for hook in self._hooks:
                 hook.scale = scales
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-        sft_rows, dpo_rows = lockstep.half_rows(rows, batch, device=x.device)
+        sft_rows, dpo_rows = lockstep_batch.half_rows(rows, batch, device=x.device)
         out = None
         for index, half, run in ((sft_rows, slice(0, batch), executor),
                                  (dpo_rows, slice(batch, 2 * batch), comfy.apply_model(self.dpo))):
