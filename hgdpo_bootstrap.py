@@ -18,7 +18,8 @@ The library is the plain package ``hgdpo/`` of this checkout. What imports it, a
 * **a test runner importing the checkout folder as package "hgdpo"** (pytest does, since ``tests/`` and the
   root have an ``__init__.py``, when the repository is cloned into a folder named ``hgdpo``): the root
   ``__init__.py`` then puts ``hgdpo/`` first on its own ``__path__``, so ``hgdpo.models`` & co. are the
-  library's modules (``hgdpo.tests`` stays the runner's).
+  library's modules (``hgdpo.tests`` stays the runner's; the library's own ``__init__``, a docstring and
+  ``__version__``, is not run then).
 
 This module imports only the standard library, so a host can load it by path before anything else.
 """
