@@ -8,6 +8,17 @@ merging it into the weights, so
 * the base weights are never modified (no re-patching, no second copy of the UNet), and
 * the scale can be a per-sample vector: one batched forward evaluates the SFT model (scale 0) and the
   DPO model (scale w) together, which is the shared-weights fast path of LAN sampling.
+
+The one run-time attachment policy, for every frontend (the WebUIs' samplers, ComfyUI's LAN guider): a LoRA
+term is computed on the device and in the dtype the layer *computes* in, never in a storage-only dtype
+(:data:`FP8_DTYPES`, refused by :func:`check_compute_dtype`). Hosts move models at run time (A1111's
+``--medvram``/``--lowvram``, Forge's ``sampling_prepare``, ComfyUI's lowvram and dynamic VRAM) and may compute in
+another dtype than they store (manual cast, fp8 storage), so :class:`FollowingLoRA` watches the inputs of the
+layers it adapts and re-attaches the :class:`FunctionalLoRA` where they compute. Layers of a host's own
+classes (Forge's ``ForgeOperations.Linear`` is a plain ``nn.Module``) and layers stored elsewhere than they
+compute get a *view* (:func:`layer_view`): an ``nn.Linear``/``nn.Conv2d``-shaped stand-in with the layer's
+geometry and the compute placement, whose hooks go to the real layer. :func:`attach_lora` (diffusers models,
+which compute where they are stored) attaches a plain :class:`FunctionalLoRA`.
 """
 
 from __future__ import annotations
@@ -331,13 +342,13 @@ def _weight(layer: nn.Module) -> torch.Tensor | None:
 
 
 class FollowingLoRA:
-    """``FunctionalLoRA`` on ``modules`` (kohya name -> layer), kept on the device and dtype the layers compute in.
+    """``FunctionalLoRA`` on ``modules`` (name -> layer, named as in ``lora``), kept where the layers compute.
 
     It is attached at once on the layers' weights' placement (``compute_dtype`` overrides the dtype), so a
     LoRA that does not fit fails early. A forward pre-hook on every target layer compares the layer's
     input with that placement and re-attaches everything on the input's device and dtype when they
-    differ: a model moved to the GPU, cast, or computing in another dtype than it stores (Forge's manual
-    cast, A1111's fp8 storage) gets its LoRA where it computes. ``scale`` may be changed between calls;
+    differ: a model moved to the GPU, cast, or computing in another dtype than it stores (Forge's and
+    ComfyUI's manual cast, fp8 storage) gets its LoRA where it computes. ``scale`` may be changed between calls;
     ``remove()`` detaches everything.
     """
 
