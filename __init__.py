@@ -3,17 +3,14 @@
 ComfyUI imports this file and calls :func:`comfy_entrypoint` (the V3 node API, pinned to the numbered
 API version ``comfy_api.v0_0_2``; ``nodes/comfy_internals.py`` says why). Nothing is imported at module
 level, so importing the pack costs nothing at ComfyUI's start, and test runners that import the
-repository root as a package need no ComfyUI. The nodes live in ``nodes/``, the library they use in ``hgdpo/``.
+repository root as a package need no ComfyUI. The nodes live in ``nodes/``, the library they use in ``hgdpo/``
+(found as :mod:`hgdpo_bootstrap` says).
 """
 
-if __name__ == "hgdpo":  # pragma: no cover - a test runner imported a checkout folder named "hgdpo" as a package
-    # Make the package the library (hgdpo/ inside this folder), keeping this folder on its path for the
-    # runner's own modules (hgdpo.tests...).
+if __name__ == "hgdpo":  # pragma: no cover - a runner imported a checkout folder named "hgdpo" (hgdpo_bootstrap.py)
     import os as _os
 
-    __path__.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "hgdpo"))
-    with open(_os.path.join(__path__[0], "__init__.py"), encoding="utf-8") as _library:
-        exec(compile(_library.read(), _library.name, "exec"))  # noqa: S102
+    __path__.insert(0, _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "hgdpo"))  # hgdpo.* = the library
 
 
 async def comfy_entrypoint():

@@ -7,13 +7,13 @@ txt2img/img2img/hires dropdowns, ``/sdapi/v1/samplers``, the X/Y/Z "Sampler" axi
 of the API and of pasted infotexts.
 
 Sampling (:class:`LANSampler`, a ``KDiffusionSampler``): the k-diffusion function runs on the lockstep
-batch ``[x; x]`` (:mod:`hgdpo.inference.lockstep`, :mod:`extension.lockstep`), the SFT and the DPO chain from the
-same noise. :class:`LANDenoiser`, a ``CFGDenoiserKDiffusion``, gets that batch once per step, renormalises
+batch ``[x; x]`` (:mod:`hgdpo.inference.lockstep_batch`, :mod:`extension.webui_lockstep`), the SFT and the DPO
+chain from the same noise. :class:`LockstepCFGDenoiser`, a ``CFGDenoiserKDiffusion``, gets that batch once per step, renormalises
 the DPO half in place (LAN) and runs the WebUI's own ``CFGDenoiser.forward`` once, as if on 2B images
 with the conditionings given to both halves: CFG's conditional and unconditional chunks each stack both
 chains, so each step is **one UNet call**, and a UNet pre-hook sets the HG-DPO LoRA's scale per row (0 on
 SFT rows, the slider's weight on DPO rows). The LoRA is functional (forward hooks on the UNet's layers,
-:class:`extension.lora_hooks.FollowingLoRA`), attached once per generation: the weights are never merged
+:class:`hgdpo.models.lora_runtime.FollowingLoRA`), attached once per generation: the weights are never merged
 or re-patched, and other LoRAs of the prompt apply to both chains. Prompts composed with AND repeat rows
 per image; for them the denoiser makes two calls per step instead (the SFT half at scale 0, then the DPO
 half at the weight), rewinding ``CFGDenoiser.step`` in between. Either way the step counter, prompt
@@ -33,13 +33,12 @@ import torch
 from modules import prompt_parser, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, shared
 
 from hgdpo.models.ldm_names import ldm_unet_kohya_names
-from hgdpo.inference.lockstep import row_scales
-from hgdpo.models.lora_runtime import LoRAArchitectureError, LoRAFile
+from hgdpo.inference.lockstep_batch import row_scales
+from hgdpo.models.lora_runtime import FollowingLoRA, LoRAArchitectureError, LoRAFile, clip_text_kohya_names
 
-from . import lockstep, lora_files
+from . import lora_files, webui_lockstep
 from . import settings as hs
 from . import webui_backend as backend
-from .lora_hooks import FollowingLoRA, clip_text_kohya_names
 
 SETTINGS_ATTRIBUTE = "hgdpo_settings"
 """Attribute of the processing object where the HG-DPO script leaves the generation's settings."""
@@ -181,17 +180,17 @@ def _paired_uncond(uncond, dpo, batch: int):
 def _paired_rows(value, batch: int):
     """A per-image tensor (image conditioning, masks) given to both chains; anything else as it is."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return lockstep.paired(value)
+        return webui_lockstep.paired(value)
     return value
 
 
-class LANDenoiser(sd_samplers_kdiffusion.CFGDenoiserKDiffusion):
+class LockstepCFGDenoiser(sd_samplers_kdiffusion.CFGDenoiserKDiffusion):
     """CFG denoiser of a LAN sampler: one lockstep step = LAN + the WebUI's CFG on both chains.
 
     Fast path: the WebUI's ``CFGDenoiser.forward`` runs once on the lockstep batch as if it held 2B images
     (the conditionings given to both halves), so each step is one UNet call on ``[SFT; DPO]`` rows (CFG's
     conditional and unconditional chunks each stack both chains) with the LoRA's scale set per row by a
-    UNet pre-hook: 0 on SFT rows, the weight on DPO rows (:func:`hgdpo.inference.lockstep.row_scales`). Prompts
+    UNet pre-hook: 0 on SFT rows, the weight on DPO rows (:func:`hgdpo.inference.lockstep_batch.row_scales`). Prompts
     composed with AND repeat rows per image, so that layout is left to the second path: two calls, the SFT
     half with the scale at 0, then the DPO half at the weight.
     """
@@ -207,7 +206,7 @@ class LANDenoiser(sd_samplers_kdiffusion.CFGDenoiserKDiffusion):
 
     def _forward_batched(self, session, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         batch = session.batch
-        lockstep.normalize_in_place(x, batch, session.strength)
+        webui_lockstep.normalize_in_place(x, batch, session.strength)
         saved = {name: getattr(self, name) for name in ("mask", "nmask")}
         for name, value in saved.items():
             setattr(self, name, _paired_rows(value, batch))
@@ -244,7 +243,7 @@ class LANDenoiser(sd_samplers_kdiffusion.CFGDenoiserKDiffusion):
         if init_latent is not None and init_latent.shape[0] == 2 * batch:
             self.init_latent = init_latent[:batch]  # img2img: masks and blending see one chain
         try:
-            return lockstep.evaluate(x, sigma, batch, session.strength, model)
+            return webui_lockstep.evaluate(x, sigma, batch, session.strength, model)
         finally:
             session.unet_lora.scale = 0.0
             self.init_latent = init_latent
@@ -256,14 +255,14 @@ class LANSampler(sd_samplers_kdiffusion.KDiffusionSampler):
     def __init__(self, funcname, sd_model):
         check_model(sd_model)
         super().__init__(funcname, sd_model)
-        self.model_wrap_cfg = LANDenoiser(self)
+        self.model_wrap_cfg = LockstepCFGDenoiser(self)
         self.model_wrap = self.model_wrap_cfg.inner_model
         self.session: _Session | None = None
 
     def initialize(self, p) -> dict:
         extra_params = super().initialize(p)
         # ancestral samplers draw noise through k_diffusion.sampling.torch.randn_like: same noise for both chains
-        k_diffusion.sampling.torch = lockstep.PairedRandn(p.rng.next, k_diffusion.sampling.torch)
+        k_diffusion.sampling.torch = webui_lockstep.PairedRandn(p.rng.next, k_diffusion.sampling.torch)
         return extra_params
 
     def create_noise_sampler(self, x, sigmas, p):
@@ -272,7 +271,7 @@ class LANSampler(sd_samplers_kdiffusion.KDiffusionSampler):
         if inner is None:  # the WebUI's "no batch determinism" option: an unseeded tree, shared by both chains
             sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
             inner = k_diffusion.sampling.BrownianTreeNoiseSampler(half, sigma_min, sigma_max)
-        return lockstep.PairedNoiseSampler(inner)
+        return webui_lockstep.PairedNoiseSampler(inner)
 
     @contextmanager
     def _lockstep(self, p, batch: int) -> Iterator[_Session]:
@@ -288,9 +287,9 @@ class LANSampler(sd_samplers_kdiffusion.KDiffusionSampler):
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         batch = x.shape[0]
         with self._lockstep(p, batch) as session:
-            samples = super().sample(p, lockstep.paired(x), conditioning, unconditional_conditioning, steps=steps,
+            samples = super().sample(p, webui_lockstep.paired(x), conditioning, unconditional_conditioning, steps=steps,
                                      image_conditioning=image_conditioning)
-            return lockstep.dpo_result(samples, batch, session.strength)
+            return webui_lockstep.dpo_result(samples, batch, session.strength)
 
     def sample_img2img(
         self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None
@@ -299,14 +298,14 @@ class LANSampler(sd_samplers_kdiffusion.KDiffusionSampler):
         with self._lockstep(p, batch) as session:
             samples = super().sample_img2img(
                 p,
-                lockstep.paired(x),
-                lockstep.paired(noise),
+                webui_lockstep.paired(x),
+                webui_lockstep.paired(noise),
                 conditioning,
                 unconditional_conditioning,
                 steps=steps,
                 image_conditioning=image_conditioning,
             )
-            return lockstep.dpo_result(samples, batch, session.strength)
+            return webui_lockstep.dpo_result(samples, batch, session.strength)
 
 
 def _constructor(funcname):

@@ -14,6 +14,7 @@ import inspect
 import logging
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import gradio as gr
 import numpy as np
@@ -58,6 +59,15 @@ def _intro() -> str:
     return "\n\n".join(notes)
 
 
+class KeptImage(NamedTuple):
+    """What the WebUI lists for one image best-of-N kept (its infotext and "reuse seed" read these)."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    subseed: int
+
+
 class _Job:
     """What the script resolved for one ``process_images`` call."""
 
@@ -66,7 +76,7 @@ class _Job:
         self.lan = False
         self.original_batch_size = None
         self.scores: dict[tuple[int, int], float] = {}
-        self.kept: list[tuple[str, str, int, int]] = []
+        self.kept: list[KeptImage] = []
 
 
 def _fail(p, error: BaseException) -> None:
@@ -260,7 +270,7 @@ class HGDPOScript(scripts.Script):
                 setattr(p, name, [values[row] for row in rows])
         for pick, seed, subseed in zip(picks, p.seeds, p.subseeds):
             job.scores[(seed, subseed)] = pick.score
-        job.kept.extend(zip(p.prompts, p.negative_prompts, p.seeds, p.subseeds))
+        job.kept.extend(map(KeptImage, p.prompts, p.negative_prompts, p.seeds, p.subseeds))
 
     def postprocess(self, p, processed, *args):
         job: _Job | None = getattr(p, JOB_ATTRIBUTE, None)
@@ -268,10 +278,10 @@ class HGDPOScript(scripts.Script):
             return
         p.batch_size = job.original_batch_size
         if job.kept:  # the job's lists follow the kept images, so "reuse seed" & co. point at the right one
-            processed.all_prompts = [kept[0] for kept in job.kept]
-            processed.all_negative_prompts = [kept[1] for kept in job.kept]
-            processed.all_seeds = [kept[2] for kept in job.kept]
-            processed.all_subseeds = [kept[3] for kept in job.kept]
+            processed.all_prompts = [kept.prompt for kept in job.kept]
+            processed.all_negative_prompts = [kept.negative_prompt for kept in job.kept]
+            processed.all_seeds = [kept.seed for kept in job.kept]
+            processed.all_subseeds = [kept.subseed for kept in job.kept]
             processed.batch_size = len(job.kept) // max(1, p.n_iter)
 
 

@@ -28,7 +28,7 @@ What the pack uses, and for what:
   ``default_noise_sampler(x, seed=)``; which one a sampler builds when given none is read from its source
   (:func:`noise_default`), so that the single-chain draw equals the stock sampler's.
 * **Models** (``comfy.model_patcher``): ``ModelPatcher.model`` (``model_config``, ``latent_format.
-  latent_channels``, ``apply_model``, its submodules), ``patches`` (key -> list of ``(strength, adapter,
+  latent_channels``, ``apply_model``, ``manual_cast_dtype``, its submodules), ``patches`` (key -> list of ``(strength, adapter,
   strength_model, offset, function)``, the tuples ``add_patches`` appends), ``clone``,
   ``set_additional_models``, ``is_dynamic`` (0.28+; absent in 0.3.64: not dynamic), ``create_model_options_clone``;
   ``comfy.weight_adapter.LoRAAdapter`` (``weights = (up, down, alpha, mid, dora_scale, reshape)``, ``name``).
@@ -237,6 +237,11 @@ def with_additional_model(patcher, key: str, other):
 def is_dynamic(patcher) -> bool:
     """Whether ComfyUI loads this model with dynamic VRAM (0.33+, GPUs): weights stay offloaded, cast per layer."""
     return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def compute_dtype(patcher) -> torch.dtype | None:
+    """The dtype the model computes in when it differs from its storage (``manual_cast_dtype``: fp8 weights...)."""
+    return getattr(patcher.model, "manual_cast_dtype", None)
 
 
 def submodules(patcher, paths) -> dict[str, torch.nn.Module]:

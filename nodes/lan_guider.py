@@ -3,7 +3,7 @@
 :class:`LANGuider` is a ``comfy.samplers.CFGGuider``, so ``SamplerCustomAdvanced`` and the LAN KSampler
 drive it like any guider (previews, progress bar, interrupt, img2img, masks). Its ``sample``
 
-1. doubles noise and latent into the lockstep batch ``[sft; dpo]`` (:mod:`hgdpo.inference.lockstep`),
+1. doubles noise and latent into the lockstep batch ``[sft; dpo]`` (:mod:`hgdpo.inference.lockstep_batch`),
 2. runs the given SAMPLER on it, wrapped by :func:`lockstep_sampler`: the sampler's history is then
    per row (per chain), its noise sampler draws for one chain and repeats the draw, and its denoiser
    renormalises the DPO half in place before every evaluation (LAN after every step) and once at the end,
@@ -12,9 +12,9 @@ drive it like any guider (previews, progress bar, interrupt, img2img, masks). It
 
    * **shared weights** (the DPO model is the SFT model plus weight patches, e.g. ``HG-DPO LoRA`` on the
      same checkpoint loader): ComfyUI loads only the SFT variant; the LoRA patches the DPO adds are
-     applied functionally (:class:`hgdpo.models.lora_runtime.FunctionalLoRA` forward hooks) with a per-row
-     scale, 0 on SFT rows and 1 on DPO rows: one batched forward, one copy of the weights, no
-     re-patching;
+     applied functionally (:class:`hgdpo.models.lora_runtime.FollowingLoRA` forward hooks, computed where
+     each layer computes: offloaded, manually cast and fp8-stored layers alike) with a per-row scale, 0 on
+     SFT rows and 1 on DPO rows: one batched forward, one copy of the weights, no re-patching;
    * **two checkpoints**: both models are loaded together (the DPO one as an additional model of the
      guider) and each gets its rows (both with the SFT ModelPatcher's model options: its patches and
      wrappers);
@@ -31,15 +31,14 @@ from typing import Any
 
 import torch
 
-from hgdpo.inference import lockstep
-from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAModule
+from hgdpo.inference import lockstep_batch
+from hgdpo.models.lora_runtime import FollowingLoRA, LoRAModule
 
 from . import comfy_internals as comfy
 
 logger = logging.getLogger(__name__)
 
 WRAPPER_KEY = "hgdpo_lan"
-STORED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class LANError(ValueError):
@@ -65,7 +64,7 @@ def lora_layers(dpo, sft) -> list[dict[str, LoRAModule]] | None:
     """The LoRA patches the DPO ModelPatcher adds on top of the SFT's, keyed by module path; None for two models.
 
     Each list entry holds one LoRA layer (the first patch every key adds, then the second...), so stacked
-    LoRAs become stacked :class:`FunctionalLoRA` s. ``strength`` is folded into the up weights.
+    LoRAs become stacked :class:`FollowingLoRA` s. ``strength`` is folded into the up weights.
     """
     if not comfy.shares_weights(dpo, sft):
         return None
@@ -119,22 +118,6 @@ def _take_options(options: dict, rows: int, index: torch.Tensor, pair: int, half
             for key, value in options.items()}
 
 
-def _check_storage(modules: dict) -> None:
-    """Refuse layers stored in fp8 or quantized: the functional LoRA would be cast to the storage dtype.
-
-    Layers on the offload device (lowvram, dynamic VRAM) are fine: the LoRA term is computed on the device and
-    dtype of the layer's input, after ComfyUI's own cast forward.
-    """
-    for path, module in modules.items():
-        weight = module.weight
-        if weight.dtype not in STORED_DTYPES or type(weight.data) is not torch.Tensor:
-            raise LANError(
-                f"LAN's shared-weights path adds the HG-DPO LoRA to the layers as they are stored, but {path} is "
-                f"stored as {weight.dtype} ({type(weight.data).__name__}: fp8 or quantized). Load the model in "
-                "fp16/bf16/fp32, or load the DPO model as its own checkpoint."
-            )
-
-
 # --------------------------------------------------------------------------- sampler
 
 
@@ -161,14 +144,14 @@ def lockstep_sampler(sampler, batch: int, strength: float):
         seed = extra_args.get("seed")
         single = comfy.random_inpaint_noise(model, x[:batch], seed) if random_inpaint else None
         if single is not None:  # as KSAMPLER.sample draws it, per chain
-            comfy.set_inpaint_noise(model, lockstep.paired(single))
+            comfy.set_inpaint_noise(model, lockstep_batch.paired(single))
         if make_noise is not None and options.get("noise_sampler") is None and len(sigmas) > 1:
-            options["noise_sampler"] = lockstep.PairedNoiseSampler(make_noise(x[:batch], sigmas, seed))
-        denoiser = lockstep.LANDenoiser(model, batch, strength)
+            options["noise_sampler"] = lockstep_batch.PairedNoiseSampler(make_noise(x[:batch], sigmas, seed))
+        denoiser = lockstep_batch.InPlaceLANDenoiser(model, batch, strength)
         samples = function(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
         if samples.shape[0] != 2 * batch:  # not the lockstep batch (should not happen): leave it alone
             return samples
-        return lockstep.finish(samples, batch, strength)
+        return lockstep_batch.finish(samples, batch, strength)
 
     lockstep_function.__name__ = f"lan_{getattr(function, '__name__', 'sampler')}"
     return comfy.ksampler(lockstep_function, inner_options, inpaint_options)
@@ -200,7 +183,7 @@ class LANGuider(comfy.HookedCFGGuider):
         self.dpo = dpo
         self.strength = float(strength)
         self.batch = 0
-        self._hooks: list[FunctionalLoRA] = []
+        self._hooks: list[FollowingLoRA] = []
         self.sft_samples: torch.Tensor | None = None
 
     @property
@@ -221,7 +204,7 @@ class LANGuider(comfy.HookedCFGGuider):
                 x0, x = x0[batch:], x[batch:]
             return callback(step, x0, x, total_steps)
 
-        samples = super().sample(lockstep.paired(noise), lockstep.paired(latent_image), wrapped, sigmas,
+        samples = super().sample(lockstep_batch.paired(noise), lockstep_batch.paired(latent_image), wrapped, sigmas,
                                  denoise_mask=denoise_mask, callback=None if callback is None else dpo_callback,
                                  disable_pbar=disable_pbar, seed=seed, **kwargs)
         if samples.shape[0] != 2 * batch:  # no steps to take: ComfyUI hands the latent back
@@ -238,9 +221,9 @@ class LANGuider(comfy.HookedCFGGuider):
             logger.debug("LAN: dynamic VRAM; the HG-DPO LoRA is added after ComfyUI's per-layer weight cast.")
         try:
             for number, layer in enumerate(self.layers or []):
-                modules = comfy.submodules(self.model_patcher, layer)
-                _check_storage(modules)
-                hooks.append(FunctionalLoRA(modules, layer, 0.0, label=f"HG-DPO LoRA patch {number + 1}"))
+                hooks.append(FollowingLoRA(comfy.submodules(self.model_patcher, layer), layer, 0.0,
+                                           label=f"HG-DPO LoRA patch {number + 1}",
+                                           compute_dtype=comfy.compute_dtype(self.model_patcher)))
             self._hooks = hooks
             yield
         finally:
@@ -255,12 +238,12 @@ class LANGuider(comfy.HookedCFGGuider):
         if batch == 0 or rows % (2 * batch):
             raise LANError(f"LAN: the model was called on {rows} rows, not on lockstep batches of {2 * batch}.")
         if self.shared_weights:
-            scales = lockstep.row_scales(rows, batch, 1.0, device=x.device)
+            scales = lockstep_batch.row_scales(rows, batch, 1.0, device=x.device)
             for hook in self._hooks:
                 hook.scale = scales
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-        sft_rows, dpo_rows = lockstep.half_rows(rows, batch, device=x.device)
+        sft_rows, dpo_rows = lockstep_batch.half_rows(rows, batch, device=x.device)
         out = None
         for index, half, run in ((sft_rows, slice(0, batch), executor),
                                  (dpo_rows, slice(batch, 2 * batch), comfy.apply_model(self.dpo))):

@@ -10,18 +10,13 @@ import sys
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
-_PACKAGE = "hgdpo_webui_extension"
 
-if str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))  # `import hgdpo`: the core library next to this folder (not pip-installed)
-
-if _PACKAGE not in sys.modules:
-    _spec = importlib.util.spec_from_file_location(
-        _PACKAGE, _ROOT / "extension" / "__init__.py", submodule_search_locations=[str(_ROOT / "extension")]
-    )
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[_PACKAGE] = _module
-    _spec.loader.exec_module(_module)
+if "hgdpo_bootstrap" not in sys.modules:  # how the hosts find the library: hgdpo_bootstrap.py
+    _spec = importlib.util.spec_from_file_location("hgdpo_bootstrap", _ROOT / "hgdpo_bootstrap.py")
+    sys.modules["hgdpo_bootstrap"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["hgdpo_bootstrap"])
+sys.modules["hgdpo_bootstrap"].load_package("hgdpo")
+sys.modules["hgdpo_bootstrap"].load_package("hgdpo_webui_extension", _ROOT / "extension")
 
 from hgdpo_webui_extension import webui_script
 from hgdpo_webui_extension.webui_script import HGDPOScript  # noqa: F401  (the WebUI finds the Script here)

@@ -8,8 +8,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hgdpo.models.lora_runtime import (
+    FollowingLoRA,
     FunctionalLoRA,
     LoRAArchitectureError,
+    LoRAModule,
     attach_lora,
     kohya_module_names,
     lora_from_state_dict,
@@ -181,3 +183,31 @@ def test_conv_lora_matches_a_merged_conv():
         merged.weight += 0.5 * delta
         FunctionalLoRA({"conv": conv}, lora, scale=1.0)
         torch.testing.assert_close(conv(x), merged(x), rtol=1e-4, atol=1e-5)
+
+
+class _CastLinear(nn.Linear):
+    """A layer stored in fp8 that computes in its input's dtype (what ComfyUI's and Forge's manual cast do)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+def test_fp8_stored_layers_get_the_lora_in_their_compute_dtype():
+    torch.manual_seed(0)
+    layer = _CastLinear(8, 6)
+    reference = copy.deepcopy(layer)
+    layer.to(torch.float8_e4m3fn)
+    reference.weight.data = layer.weight.data.float()  # the same fp8-rounded weights, computed in fp32
+    reference.bias.data = layer.bias.data.float()
+    lora = LoRAModule(down=torch.randn(2, 8), up=torch.randn(6, 2), alpha=1.0)
+    x = torch.randn(3, 8)
+    with pytest.raises(TypeError, match="cannot compute a LoRA in torch.float8_e4m3fn"):
+        FollowingLoRA({"fc": layer}, {"fc": lora}, 1.0)
+    following = FollowingLoRA({"fc": layer}, {"fc": lora}, 0.5, compute_dtype=torch.float32)
+    with torch.no_grad():
+        expected = reference(x) + 0.5 * lora.multiplier * x @ lora.down.T @ lora.up.T
+        torch.testing.assert_close(layer(x), expected)
+    assert following.placement == (torch.device("cpu"), torch.float32)
+    following.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(x))

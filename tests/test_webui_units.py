@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from extension import best_of, install_plan, lockstep, lora_files, webui_harness
+from extension import best_of, install_plan, lora_files, webui_harness, webui_lockstep
 from extension import settings as hs
-from extension.lora_hooks import FollowingLoRA, clip_text_kohya_names
+from hgdpo.models.lora_runtime import FollowingLoRA, clip_text_kohya_names
 from hgdpo.inference.infotext import (
     BEST_OF_KEY,
     LAN_KEY,
@@ -46,8 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_framework_free_modules_import_without_the_webui():
     """CI imports these; the WebUI glue must stay out of them (no ``modules``, no gradio)."""
     code = (
-        "import sys; import extension.settings, extension.lockstep, extension.lora_files, extension.best_of, "
-        "extension.install_plan, extension.lora_hooks, extension.webui_harness, hgdpo.models.ldm_names; "
+        "import sys; import extension.settings, extension.webui_lockstep, extension.lora_files, extension.best_of, "
+        "extension.install_plan, extension.webui_harness, hgdpo.models.ldm_names; "
         "bad = [m for m in ('modules', 'gradio', 'k_diffusion', 'diffusers') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -238,9 +238,9 @@ def test_lockstep_equals_two_chains_with_lan_after_every_step(sampler, reference
 
     toy.calls.clear()
     def denoiser(pair, sigma):
-        return lockstep.evaluate(pair, sigma, 2, strength, toy)
-    samples = sampler(denoiser, lockstep.paired(x), sigmas)
-    result = lockstep.dpo_result(samples, 2, strength)
+        return webui_lockstep.evaluate(pair, sigma, 2, strength, toy)
+    samples = sampler(denoiser, webui_lockstep.paired(x), sigmas)
+    result = webui_lockstep.dpo_result(samples, 2, strength)
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
     # two evaluations per step, each on one chain, SFT first
     assert toy.calls == [(2, False), (2, True)] * (len(sigmas) - 1)
@@ -251,8 +251,8 @@ def test_lockstep_without_lan_is_the_dpo_model_alone():
     sigmas = torch.tensor([2.0, 1.0, 0.3, 0.0])
     toy = ToyDenoiser()
     alone = euler(lambda x, sigma: toy(x, sigma, True), x.clone(), sigmas)
-    pair = euler(lambda p, s: lockstep.evaluate(p, s, 1, 0.0, toy), lockstep.paired(x), sigmas)
-    torch.testing.assert_close(lockstep.dpo_result(pair, 1, 0.0), alone, rtol=0, atol=0)
+    pair = euler(lambda p, s: webui_lockstep.evaluate(p, s, 1, 0.0, toy), webui_lockstep.paired(x), sigmas)
+    torch.testing.assert_close(webui_lockstep.dpo_result(pair, 1, 0.0), alone, rtol=0, atol=0)
 
 
 def test_ancestral_noise_is_shared_by_both_chains():
@@ -266,22 +266,23 @@ def test_ancestral_noise_is_shared_by_both_chains():
         return lambda: torch.randn(2, 4, 5, 5, generator=generator)
 
     expected = reference_euler(toy, x, sigmas, 1.0, draws())
-    paired_randn = lockstep.PairedRandn(draws(), torch)
-    samples = euler(lambda p, s: lockstep.evaluate(p, s, 2, 1.0, toy), lockstep.paired(x), sigmas, paired_randn)
-    torch.testing.assert_close(lockstep.dpo_result(samples, 2, 1.0), expected, rtol=0, atol=1e-6)
+    paired_randn = webui_lockstep.PairedRandn(draws(), torch)
+    samples = euler(lambda p, s: webui_lockstep.evaluate(p, s, 2, 1.0, toy), webui_lockstep.paired(x), sigmas,
+                    paired_randn)
+    torch.testing.assert_close(webui_lockstep.dpo_result(samples, 2, 1.0), expected, rtol=0, atol=1e-6)
     assert paired_randn.float32 is torch.float32  # everything else comes from the fallback
 
 
 def test_paired_noise_sampler_and_interrupted_results():
-    sampler = lockstep.PairedNoiseSampler(lambda s, t: torch.full((2, 1), float(s)))
+    sampler = webui_lockstep.PairedNoiseSampler(lambda s, t: torch.full((2, 1), float(s)))
     assert sampler(3, 1).tolist() == [[3.0]] * 4
     preview = torch.randn(2, 4, 3, 3)
-    assert lockstep.dpo_result(preview, 2, 1.0) is preview  # interrupted: the WebUI's single-chain latent
+    assert webui_lockstep.dpo_result(preview, 2, 1.0) is preview  # interrupted: the WebUI's single-chain latent
 
 
 def test_random_numbers_drawn_inside_the_model_are_the_same_for_both_halves():
     x = torch.zeros(4, 1, 2, 2)
-    out = lockstep.evaluate(x, torch.ones(4), 2, 1.0, lambda h, s, dpo: h + torch.randn_like(h))
+    out = webui_lockstep.evaluate(x, torch.ones(4), 2, 1.0, lambda h, s, dpo: h + torch.randn_like(h))
     torch.testing.assert_close(out[:2], out[2:], rtol=0, atol=0)
 
 

@@ -8,6 +8,17 @@ merging it into the weights, so
 * the base weights are never modified (no re-patching, no second copy of the UNet), and
 * the scale can be a per-sample vector: one batched forward evaluates the SFT model (scale 0) and the
   DPO model (scale w) together, which is the shared-weights fast path of LAN sampling.
+
+The one run-time attachment policy, for every frontend (the WebUIs' samplers, ComfyUI's LAN guider): a LoRA
+term is computed on the device and in the dtype the layer *computes* in, never in a storage-only dtype
+(:data:`FP8_DTYPES`, refused by :func:`check_compute_dtype`). Hosts move models at run time (A1111's
+``--medvram``/``--lowvram``, Forge's ``sampling_prepare``, ComfyUI's lowvram and dynamic VRAM) and may compute in
+another dtype than they store (manual cast, fp8 storage), so :class:`FollowingLoRA` watches the inputs of the
+layers it adapts and re-attaches the :class:`FunctionalLoRA` where they compute. Layers of a host's own
+classes (Forge's ``ForgeOperations.Linear`` is a plain ``nn.Module``) and layers stored elsewhere than they
+compute get a *view* (:func:`layer_view`): an ``nn.Linear``/``nn.Conv2d``-shaped stand-in with the layer's
+geometry and the compute placement, whose hooks go to the real layer. :func:`attach_lora` (diffusers models,
+which compute where they are stored) attaches a plain :class:`FunctionalLoRA`.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hgdpo.models.ldm_names import layers
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
@@ -35,8 +48,13 @@ _UNSUPPORTED_MARKERS = {
 _FOREIGN_PREFIXES = {"lora_te1_": "SDXL", "lora_te2_": "SDXL", "lora_te3_": "SD3",
                      "lora_transformer_": "a DiT model (SD3/Flux)",
                      "transformer.": "a DiT model (SD3/Flux)", "diffusion_model.double_blocks": "Flux"}
-SD1_CROSS_ATTENTION_WIDTH = 768
 _CROSS_ATTENTION_FAMILIES = {1024: "SD2.x", 2048: "SDXL", 1280: "SDXL (refiner)"}
+FP8_DTYPES = frozenset(
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+"""Storage-only dtypes: a LoRA is never computed in them (its term is computed in the layer input's dtype)."""
 
 
 class LoRAArchitectureError(ValueError):
@@ -183,6 +201,18 @@ def kohya_module_names(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(module, (nn.Linear, nn.Conv2d))}
 
 
+def clip_text_kohya_names(encoder: nn.Module) -> dict[str, nn.Module]:
+    """A transformers ``CLIPTextModel``'s layers keyed as kohya names them (``text_model_encoder_layers_0_...``).
+
+    transformers 5 dropped the ``text_model.`` level of the module paths; kohya's names keep it. Layers of
+    frontend-specific classes (Forge's) are included.
+    """
+    names = {name.replace(".", "_"): module for name, module in layers(encoder).items()}
+    if names and not any(name.startswith("text_model_") for name in names):
+        names = {"text_model_" + name: module for name, module in names.items()}
+    return names
+
+
 def _describe_mismatch(lora: dict[str, LoRAModule], modules: Mapping[str, nn.Module], label: str) -> str:
     cross = [module for name, module in lora.items() if name.endswith(("attn2_to_k", "attn2_to_v"))]
     family = _CROSS_ATTENTION_FAMILIES.get(cross[0].down.shape[1]) if cross else None
@@ -208,6 +238,13 @@ def _check_shape(name: str, weights: LoRAModule, module: nn.Module, label: str) 
         )
 
 
+def check_compute_dtype(dtype: torch.dtype, label: str = "The LoRA") -> None:
+    """Refuse to compute a LoRA term in a storage-only dtype (fp8): see :class:`FollowingLoRA`."""
+    if dtype in FP8_DTYPES:
+        raise TypeError(f"{label}: cannot compute a LoRA in {dtype}; it is added in the dtype the layer computes "
+                        "in (give FollowingLoRA a compute_dtype for layers stored in fp8).")
+
+
 class FunctionalLoRA:
     """A LoRA added to layer outputs by forward hooks, with a scalar or per-sample scale.
 
@@ -228,6 +265,7 @@ class FunctionalLoRA:
         for name, weights in lora.items():
             module = modules[name]
             parameter = next(module.parameters())
+            check_compute_dtype(parameter.dtype, label)
             down = weights.down.to(parameter.device, parameter.dtype)
             up = (weights.up * weights.multiplier).to(parameter.device, parameter.dtype)
             self._handles.append(module.register_forward_hook(self._hook(module, down, up)))
@@ -243,7 +281,7 @@ class FunctionalLoRA:
 
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             nonlocal down, up
-            if down.device != inputs[0].device or down.dtype != inputs[0].dtype:  # offloaded or fp8-stored layers
+            if down.device != inputs[0].device or down.dtype != inputs[0].dtype:  # a layer moved or cast since
                 down, up = (weight.to(inputs[0].device, inputs[0].dtype) for weight in (down, up))
             scale = self.scale
             if isinstance(scale, torch.Tensor):
@@ -262,6 +300,120 @@ class FunctionalLoRA:
 
     def __len__(self) -> int:
         return len(self._handles)
+
+
+class _View:
+    """Hooks registered on a view go to the real layer; its one parameter carries the compute placement."""
+
+    def _bind(self, layer: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.__dict__["_layer"] = layer  # not a submodule
+        self.placement = nn.Parameter(torch.empty(0, device=device, dtype=dtype), requires_grad=False)
+
+    def register_forward_hook(self, hook, *args, **kwargs):
+        return self.__dict__["_layer"].register_forward_hook(hook, *args, **kwargs)
+
+
+class _LinearView(_View, nn.Linear):
+    def __init__(self, layer: nn.Module, device: torch.device, dtype: torch.dtype):
+        self._bind(layer, device, dtype)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+
+class _ConvView(_View, nn.Conv2d):
+    def __init__(self, layer: nn.Module, device: torch.device, dtype: torch.dtype):
+        self._bind(layer, device, dtype)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, name, getattr(layer, name))
+
+
+def layer_view(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """An ``nn.Linear``/``nn.Conv2d`` stand-in for ``layer`` placed on ``device``/``dtype`` (see module doc)."""
+    if isinstance(layer, nn.Conv2d) or hasattr(layer, "in_channels"):
+        return _ConvView(layer, device, dtype)
+    return _LinearView(layer, device, dtype)
+
+
+def _weight(layer: nn.Module) -> torch.Tensor | None:
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return next(layer.parameters(), None)
+
+
+class FollowingLoRA:
+    """``FunctionalLoRA`` on ``modules`` (name -> layer, named as in ``lora``), kept where the layers compute.
+
+    It is attached at once on the layers' weights' placement (``compute_dtype`` overrides the dtype), so a
+    LoRA that does not fit fails early. A forward pre-hook on every target layer compares the layer's
+    input with that placement and re-attaches everything on the input's device and dtype when they
+    differ: a model moved to the GPU, cast, or computing in another dtype than it stores (Forge's and
+    ComfyUI's manual cast, fp8 storage) gets its LoRA where it computes. ``scale`` may be changed between calls;
+    ``remove()`` detaches everything.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], lora: Mapping[str, LoRAModule],
+                 scale: float | torch.Tensor = 0.0, label: str = "The LoRA", compute_dtype: torch.dtype | None = None):
+        self._modules = dict(modules)
+        self._lora = dict(lora)
+        self._label = label
+        self._scale = scale
+        self._placement = None
+        self._inner: FunctionalLoRA | None = None
+        probe = next((self._modules[name] for name in self._lora if name in self._modules), None)
+        weight = None if probe is None else _weight(probe)
+        self._attach(None if weight is None else (weight.device, compute_dtype or weight.dtype))
+        self._guards = [self._modules[name].register_forward_pre_hook(self._follow)
+                        for name in self._lora if name in self._modules]
+
+    def _targets(self, placement) -> dict[str, nn.Module]:
+        if placement is None:
+            return self._modules
+        device, dtype = placement
+        targets = {}
+        for name, module in self._modules.items():
+            weight = _weight(module) if isinstance(module, (nn.Linear, nn.Conv2d)) else None
+            if weight is not None and weight.device == device and weight.dtype == dtype:
+                targets[name] = module
+            else:
+                targets[name] = layer_view(module, device, dtype)
+        return targets
+
+    def _attach(self, placement) -> None:
+        if self._inner is not None:
+            self._inner.remove()
+        self._inner = FunctionalLoRA(self._targets(placement), self._lora, self._scale, self._label)
+        self._placement = placement
+
+    def _follow(self, _module, inputs) -> None:
+        x = inputs[0] if inputs else None
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and (x.device, x.dtype) != self._placement:
+            self._attach((x.device, x.dtype))
+
+    @property
+    def placement(self):
+        return self._placement
+
+    @property
+    def scale(self) -> float | torch.Tensor:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float | torch.Tensor) -> None:
+        self._scale = value
+        if self._inner is not None:
+            self._inner.scale = value
+
+    def remove(self) -> None:
+        for guard in self._guards:
+            guard.remove()
+        self._guards = []
+        if self._inner is not None:
+            self._inner.remove()
+            self._inner = None
+
+    def __len__(self) -> int:
+        return 0 if self._inner is None else len(self._inner)
 
 
 def attach_lora(unet: nn.Module, text_encoder: nn.Module | None, lora: LoRAFile,

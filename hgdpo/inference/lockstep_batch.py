@@ -6,7 +6,7 @@ first) that starts from the same latent twice. Then
 * multistep samplers keep their history per row, so each chain has its own;
 * stochastic samplers draw their noise for one chain and give it to both (:class:`PairedNoiseSampler`),
   so the chains see the same noise, as in the paper;
-* :class:`LANDenoiser` wraps the denoiser the sampler calls: before every evaluation it renormalises
+* :class:`InPlaceLANDenoiser` wraps the denoiser the sampler calls: before every evaluation it renormalises
   the DPO half of the latent the sampler passed **in place** (Eq. 7). k-diffusion samplers pass their
   own state tensor, so the step they are about to take continues from the normalised latent, exactly
   as if LAN had run right after the previous step (their step callback comes after the evaluation,
@@ -57,7 +57,7 @@ def finish(samples: torch.Tensor, batch: int, strength: float = 1.0, eps: float 
     return torch.cat([samples[:batch], latent_adaptive_normalization(samples[batch:], samples[:batch], strength, eps)])
 
 
-class LANDenoiser:
+class InPlaceLANDenoiser:
     """A sampler's denoiser ``model(x, sigma, **kwargs)`` with LAN applied to ``x`` before each evaluation.
 
     Attribute access falls through to the wrapped model (samplers read e.g. ``model.inner_model``).

@@ -1,16 +1,16 @@
 """The WebUI's side of the SFT/DPO lockstep batch. Framework-free (torch only).
 
-The lockstep batch itself is :mod:`hgdpo.inference.lockstep` (shared with ComfyUI): a LAN sampler runs the
+The lockstep batch itself is :mod:`hgdpo.inference.lockstep_batch` (shared with ComfyUI): a LAN sampler runs the
 WebUI's k-diffusion function on ``[x_sft; x_dpo]``, which starts from one latent twice; stochastic
 samplers give both chains the same noise; before every model evaluation the DPO half is renormalised in
-place (Eq. 7); :func:`hgdpo.inference.lockstep.finish` normalises the final latent once more.
+place (Eq. 7); :func:`hgdpo.inference.lockstep_batch.finish` normalises the final latent once more.
 
 What the WebUI adds:
 
 * :func:`evaluate`: one lockstep evaluation as **two calls** of the WebUI's CFG denoiser, the SFT half
   with the HG-DPO LoRA's scale at 0, then the DPO half with the scale at the weight (the denoiser's
   fallback for prompts composed with AND; its fast path is one call with per-row LoRA scales,
-  :func:`hgdpo.inference.lockstep.row_scales`). The DPO half runs last, so what the WebUI keeps from the latest
+  :func:`hgdpo.inference.lockstep_batch.row_scales`). The DPO half runs last, so what the WebUI keeps from the latest
   call (the live preview, the latent returned on interrupt) shows the DPO chain.
 * :class:`PairedRandn`: ancestral samplers draw through the WebUI's seeded per-image generator
   (``k_diffusion.sampling.torch.randn_like``); both chains get the same draw.
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from hgdpo.inference.lockstep import PairedNoiseSampler, finish, normalize_in_place, paired
+from hgdpo.inference.lockstep_batch import PairedNoiseSampler, finish, normalize_in_place, paired
 
 __all__ = ["PairedNoiseSampler", "PairedRandn", "dpo_result", "evaluate", "paired", "same_random_numbers"]
 
