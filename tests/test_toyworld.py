@@ -15,8 +15,8 @@ from hgdpo.toyworld.scorer import SHIPPED
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "sft" / "unet").is_dir(), reason="the built toy world is not shipped")
 
-SHORT = DemoSettings(num_train_prompts=64, num_eval_prompts=40, pool_size=6, train_steps=100, learning_rate=5e-4,
-                     compare_dpo_only=False, lora_weights=(1.0,), grid_prompts=4)
+SHORT = DemoSettings(num_train_prompts=64, num_eval_prompts=20, eval_seeds=(0, 1, 2, 3), pool_size=6,
+                     train_steps=100, learning_rate=5e-4, compare_dpo_only=False, lora_weights=(1.0,), grid_prompts=4)
 
 
 @pytest.fixture(scope="module")
