@@ -15,8 +15,8 @@ from hgdpo.toyworld.scorer import SHIPPED
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "sft" / "unet").is_dir(), reason="the built toy world is not shipped")
 
-SHORT = DemoSettings(num_train_prompts=64, num_eval_prompts=40, pool_size=6, train_steps=100, learning_rate=5e-4,
-                     compare_dpo_only=False, lora_weights=(1.0,), grid_prompts=4)
+SHORT = DemoSettings(num_train_prompts=64, num_eval_prompts=20, eval_seeds=(0, 1, 2, 3), pool_size=6,
+                     train_steps=100, learning_rate=5e-4, compare_dpo_only=False, lora_weights=(1.0,), grid_prompts=4)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def test_hgdpo_lora_beats_sft_by_the_scorer(figures):
     scorer, judge = row["scorer_win_rate"], row["judge_win_rate"]
     print(f"scorer win rate {scorer}, judge win rate {judge}, judge-correct {figures['models']['sft']['judge_correct']}"
           f" -> {row['judge_correct']}")
-    # the judge's figure is reported, not asserted: in the shipped world it did not move reliably (0.47
-    # [0.39, 0.55] in the run recorded in bench/README.md)
+    # the judge's figure is reported, not asserted: the demo's 160 pairs put it above 0.5 with 95% confidence
+    # (0.57 [0.52, 0.63] at 1, README), but these 80 pairs (seeds 0-3 of the same prompts) do not (0.51 [0.43, 0.59])
     assert scorer["low"] > 0.5, f"scorer win rate {scorer} (judge {judge})"
 
 
