@@ -1,5 +1,9 @@
 """HG-DPO inference with diffusers: the LoRA at a weight, LAN lockstep sampling, best-of-N.
 
+This is the toolkit's one generation path: the dataset builder, ``trainer/sample.py``, the evaluation
+and the trainer's validation images all draw noise with :func:`seed_noise`, sample with
+:func:`sample_latents` and decode with :func:`decode_images`, so a recorded seed regenerates its image.
+
     generator = ImageGenerator(load_sd15("model.safetensors"), lora="hgdpo.safetensors")
     output = generator.generate(["a woman singing on the stage"], seeds=[7],
                                 config=SamplingConfig(lora_weight=0.5, lan_strength=1.0))
@@ -8,7 +12,7 @@
 LAN (Eq. 7) samples the SFT and the DPO model in lockstep. Both trajectories live in one latent batch
 ``[x_sft; x_dpo]`` that any diffusers scheduler steps as usual: schedulers keep their multistep
 history per element, so each trajectory has its own solver state, and the stochastic ones draw their
-noise from one generator per element, seeded so that both halves get the same draws. After every
+noise from one generator per element (:func:`seed_noise`), seeded so that both halves get the same draws. After every
 step :func:`hgdpo.inference.lan.normalize_stacked` renormalises the DPO half to the SFT half.
 
 When the DPO model is the SFT model plus a LoRA (the common case), one UNet evaluates both halves in
