@@ -38,6 +38,7 @@ from PIL import Image
 
 from hgdpo.feedback.scorers import SCORER_HELP, SCORER_MODEL_HELP, SCORER_PROCESSOR_HELP, load_named_scorer
 from hgdpo.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from hgdpo.inference.sampling import ImageGenerator, SamplingConfig
 from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
 from hgdpo.options import SEED_LIMITS, check_fields, check_value, option
 from hgdpo.training.config import parse_resolution
@@ -57,7 +58,7 @@ logger = logging.getLogger("hgdpo.build")
 
 CONFIG_FILENAME = "build_config.json"
 RECORDS_DIRNAME = "records"
-SAMPLER = "DPMSolverMultistepScheduler(dpmsolver++)"
+SAMPLER = "DPMSolverMultistepScheduler(dpmsolver++)"  # the "dpmpp_2m" of hgdpo.inference.sampling
 RECORD_VERSION = 1
 # settings a resumed run must share with the records already written
 _SETTING_KEYS = ("model", "prompts_sha256", "num_prompts", "pool_size", "steps", "guidance_scale", "resolution",
@@ -220,54 +221,22 @@ class _Keeper:
 
 
 class PoolGenerator:
-    """Samples images of one prompt with per-image seeds (one text encoding per prompt)."""
+    """Samples images of one prompt with per-image seeds through the toolkit's one generation path.
+
+    That path is :class:`~hgdpo.inference.sampling.ImageGenerator` with the builder's sampler
+    (DPM-Solver++ 2M, :data:`SAMPLER`), so ``trainer/sample.py``, the evaluation and the trainer's
+    validation regenerate a recorded (prompt, seed) to the same image.
+    """
 
     def __init__(self, components, config: BuildConfig, device: torch.device | str, dtype: torch.dtype) -> None:
-        from diffusers import DPMSolverMultistepScheduler
+        width, height = config.size
+        self.generator = ImageGenerator(components, device=device, dtype=dtype)
+        self.sampling = SamplingConfig(steps=config.steps, guidance_scale=config.guidance_scale, sampler="dpmpp_2m",
+                                       width=width, height=height, negative_prompt=config.negative_prompt)
 
-        self.config = config
-        self.device = torch.device(device)
-        for module in (components.unet, components.vae, components.text_encoder):
-            module.to(self.device)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
-        scheduler = DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config,
-                                                            algorithm_type="dpmsolver++")
-        self.pipe = components.pipeline(scheduler=scheduler)
-        self.pipe.set_progress_bar_config(disable=True)
-        self._cached: tuple[str, torch.Tensor, torch.Tensor | None] | None = None
-
-    @property
-    def guided(self) -> bool:
-        return self.config.guidance_scale > 1.0
-
-    def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._cached is None or self._cached[0] != prompt:
-            with torch.no_grad():
-                positive, negative = self.pipe.encode_prompt(
-                    prompt, self.device, 1, self.guided, negative_prompt=self.config.negative_prompt or None
-                )
-            self._cached = (prompt, positive, negative if self.guided else None)
-        return self._cached[1], self._cached[2]
-
-    @torch.no_grad()
     def generate(self, prompt: str, seeds: Sequence[int]) -> list[Image.Image]:
         """One RGB image per seed; image ``k`` depends only on ``prompt``, ``seeds[k]`` and the settings."""
-        positive, negative = self._encode(prompt)
-        width, height = self.config.size
-        n = len(seeds)
-        generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
-        result = self.pipe(
-            prompt_embeds=positive.expand(n, -1, -1),
-            negative_prompt_embeds=None if negative is None else negative.expand(n, -1, -1),
-            num_inference_steps=self.config.steps,
-            guidance_scale=self.config.guidance_scale,
-            height=height,
-            width=width,
-            generator=generators,
-            output_type="pil",
-        )
-        return [image.convert("RGB") for image in result.images]
+        return self.generator.generate([prompt] * len(seeds), seeds, self.sampling).images
 
 
 # --------------------------------------------------------------------------- records

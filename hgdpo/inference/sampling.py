@@ -1,5 +1,9 @@
 """HG-DPO inference with diffusers: the LoRA at a weight, LAN lockstep sampling, best-of-N.
 
+This is the toolkit's one generation path: the dataset builder, ``trainer/sample.py``, the evaluation
+and the trainer's validation images all draw noise with :func:`seed_noise`, sample with
+:func:`sample_latents` and decode with :func:`decode_images`, so a recorded seed regenerates its image.
+
     generator = ImageGenerator(load_sd15("model.safetensors"), lora="hgdpo.safetensors")
     output = generator.generate(["a woman singing on the stage"], seeds=[7],
                                 config=SamplingConfig(lora_weight=0.5, lan_strength=1.0))
@@ -8,7 +12,7 @@
 LAN (Eq. 7) samples the SFT and the DPO model in lockstep. Both trajectories live in one latent batch
 ``[x_sft; x_dpo]`` that any diffusers scheduler steps as usual: schedulers keep their multistep
 history per element, so each trajectory has its own solver state, and the stochastic ones draw their
-noise from one generator per element, seeded so that both halves get the same draws. After every
+noise from one generator per element (:func:`seed_noise`), seeded so that both halves get the same draws. After every
 step :func:`hgdpo.inference.lan.normalize_stacked` renormalises the DPO half to the SFT half.
 
 When the DPO model is the SFT model plus a LoRA (the common case), one UNet evaluates both halves in
@@ -101,33 +105,64 @@ def make_scheduler(base_config, sampler: str = "dpmpp_2m", schedule: str = "norm
     return scheduler_class.from_config(base_config, **options)
 
 
-def _step_kwargs(scheduler, generator: list[torch.Generator] | None) -> dict[str, object]:
+def _step_kwargs(scheduler, generator: list[torch.Generator]) -> dict[str, object]:
     """The optional ``step`` arguments this scheduler accepts (as diffusers' pipelines pass them)."""
-    accepted = inspect.signature(scheduler.step).parameters
-    return {"generator": generator} if "generator" in accepted and generator is not None else {}
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def vae_scale_factor(vae) -> int:
+    """How many pixels one latent cell spans (8 for SD1.5)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_shape(unet, vae, width: int, height: int) -> tuple[int, int, int]:
+    """``(C, H/8, W/8)``: the latent of one ``width`` x ``height`` image."""
+    factor = vae_scale_factor(vae)
+    return unet.config.in_channels, height // factor, width // factor
+
+
+def seed_noise(seeds: Sequence[int], shape: tuple[int, int, int],
+               device: str | torch.device) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """The seed-to-noise rule of every image the toolkit generates: ``(noise [N, *shape], generators)``.
+
+    Image ``k`` has its own CPU generator ``torch.Generator().manual_seed(seeds[k])``; its initial
+    latent noise ``[1, C, H/8, W/8]`` is drawn from it on the CPU in float32, then moved to ``device``
+    (as ComfyUI's ``prepare_noise`` and the WebUI's CPU RNG draw it). A seed thus gives the same noise
+    on every device, at every precision and batch position. The generators are returned advanced past
+    that draw: samplers draw their per-step noise (ancestral, SDE) from them, each image from its own.
+    """
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    noise = [torch.randn((1, *shape), generator=generator, dtype=torch.float32) for generator in generators]
+    return torch.cat(noise).to(device), generators
 
 
 @torch.no_grad()
-def denoise_loop(
+def sample_latents(
     denoise: Denoiser,
     scheduler,
-    noise: torch.Tensor,
+    seeds: Sequence[int],
+    shape: tuple[int, int, int],
     steps: int,
-    generator: list[torch.Generator] | None = None,
+    device: str | torch.device,
+    chains: int = 1,
     after_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
     callback: StepCallback | None = None,
     show_progress: bool = False,
 ) -> torch.Tensor:
-    """Sample from ``noise`` with a diffusers scheduler; ``after_step`` transforms the latents after each step.
+    """Sample one float32 latent per seed (:func:`seed_noise`) with a diffusers scheduler.
 
-    ``generator`` holds one generator per batch element for stochastic schedulers. ``callback(i, t,
-    latents)`` sees the latents after step ``i`` (after ``after_step``).
+    ``chains`` > 1 stacks that many copies of the batch (``[x_sft; x_dpo]`` for LAN), each copy with
+    its own generators seeded alike, so that every chain gets the same initial and per-step noise.
+    ``after_step`` transforms the latents after each step; ``callback(i, t, latents)`` sees them after
+    step ``i`` (after ``after_step``).
     """
     from tqdm.auto import tqdm
 
-    scheduler.set_timesteps(steps, device=noise.device)
-    latents = noise * scheduler.init_noise_sigma
-    step_kwargs = _step_kwargs(scheduler, generator)
+    draws = [seed_noise(seeds, shape, device) for _ in range(chains)]
+    generators = [generator for _, chain in draws for generator in chain]
+    scheduler.set_timesteps(steps, device=device)
+    latents = torch.cat([noise for noise, _ in draws]) * scheduler.init_noise_sigma
+    step_kwargs = _step_kwargs(scheduler, generators)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not show_progress, leave=False)):
         model_output = denoise(scheduler.scale_model_input(latents, t), t)
         latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
@@ -138,10 +173,20 @@ def denoise_loop(
     return latents
 
 
+@torch.no_grad()
+def decode_images(vae, latents: torch.Tensor) -> list[Image]:
+    """RGB images of SD latents (the VAE decoder and diffusers' post-processing)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    pixels = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae)).postprocess(pixels, output_type="pil")
+
+
 class GuidedUNet:
     """Classifier-free guidance (Ho & Salimans): one UNet forward over ``[uncond; cond]`` rows.
 
-    ``lora_scale`` is written to ``lora.scale`` before the forward; a per-sample tensor (one entry per
+    The UNet runs in the embeddings' dtype; the guided output comes back in the latents' dtype (the
+    sampler's float32). ``unet`` is any callable with the diffusers UNet's signature. ``lora_scale`` is written to ``lora.scale`` before the forward; a per-sample tensor (one entry per
     latent row) is repeated for the unconditional and conditional halves.
     """
 
@@ -159,8 +204,9 @@ class GuidedUNet:
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         if self.lora is not None:
             self.lora.scale = self.lora_scale
-        model_input = torch.cat([latents, latents]) if self.guided else latents
+        model_input = (torch.cat([latents, latents]) if self.guided else latents).to(self.embeddings.dtype)
         output = self.unet(model_input, timestep, encoder_hidden_states=self.embeddings, return_dict=False)[0]
+        output = output.to(latents.dtype)
         if not self.guided:
             return output
         uncond, cond = output.chunk(2)
@@ -232,27 +278,15 @@ class ImageGenerator:
 
     def _encode(self, model: SD15Components, prompts: Sequence[str], config: SamplingConfig,
                 text_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings per row of ``prompts``; each distinct prompt is encoded once (a pool shares one)."""
         guided = config.guidance_scale > 1.0
-        negative = [config.negative_prompt] * len(prompts) if guided else None
+        distinct = list(dict.fromkeys(prompts))
+        negative = [config.negative_prompt] * len(distinct) if guided else None
         if self.text_lora is not None and model is self.dpo:
             self.text_lora.scale = text_scale
-        positive, negative_embeds = self._pipeline(model).encode_prompt(list(prompts), self.device, 1, guided, negative)
-        return positive, negative_embeds if guided else None
-
-    def _noise(self, seeds: Sequence[int], config: SamplingConfig) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """Initial noise drawn as diffusers' pipelines draw it (one CPU generator per image)."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-        factor = 2 ** (len(self.sft.vae.config.block_out_channels) - 1)
-        shape = (len(seeds), self.sft.unet.config.in_channels, config.height // factor, config.width // factor)
-        return randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype), generators
-
-    def _decode(self, model: SD15Components, latents: torch.Tensor) -> list[Image]:
-        pipeline = self._pipeline(model)
-        with torch.no_grad():
-            pixels = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0]
-        return pipeline.image_processor.postprocess(pixels, output_type="pil")
+        positive, negative_embeds = self._pipeline(model).encode_prompt(distinct, self.device, 1, guided, negative)
+        rows = torch.tensor([distinct.index(prompt) for prompt in prompts], device=self.device)
+        return positive[rows], negative_embeds[rows] if guided else None
 
     def denoiser(self, prompts: Sequence[str], config: SamplingConfig, lockstep: bool,
                  shared_forward: bool = True) -> Denoiser:
@@ -294,12 +328,8 @@ class ImageGenerator:
                              "or a separate DPO checkpoint.")
         denoise = self.denoiser(prompts, config, lockstep, shared_forward)
         scheduler = make_scheduler(self.sft.noise_scheduler.config, config.sampler, config.schedule)
-        noise, generators = self._noise(seeds, config)
         after_step, step_callback = None, None
         if lockstep:
-            _, twins = self._noise(seeds, config)  # same seeds, advanced past the same initial noise
-            generators = generators + twins
-            noise = torch.cat([noise, noise])
             after_step = partial(normalize_stacked, strength=config.lan_strength)
         if callback is not None:
             def step_callback(i: int, t: torch.Tensor, latents: torch.Tensor) -> None:
@@ -308,19 +338,20 @@ class ImageGenerator:
                     callback(i, t, dpo, sft)
                 else:
                     callback(i, t, latents, None)
-        latents = denoise_loop(denoise, scheduler, noise, config.steps, generators, after_step, step_callback,
-                               show_progress)
+        shape = latent_shape(self.sft.unet, self.sft.vae, config.width, config.height)
+        latents = sample_latents(denoise, scheduler, seeds, shape, config.steps, self.device, 2 if lockstep else 1,
+                                 after_step, step_callback, show_progress)
         sft_latents = None
         if lockstep:
             sft_latents, latents = latents.chunk(2)
         if self.unet_lora is not None:
             self.unet_lora.scale = 0.0
         return GenerationOutput(
-            images=self._decode(self.dpo, latents),
+            images=decode_images(self.dpo.vae, latents),
             latents=latents,
             seeds=[int(seed) for seed in seeds],
             sft_latents=sft_latents,
-            sft_images=self._decode(self.sft, sft_latents) if return_sft and sft_latents is not None else [],
+            sft_images=decode_images(self.sft.vae, sft_latents) if return_sft and sft_latents is not None else [],
         )
 
 

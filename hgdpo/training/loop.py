@@ -22,6 +22,7 @@ from hgdpo.training.config import DTYPES, TrainConfig, save_config
 from hgdpo.errors import TrainingError
 from hgdpo.fileio import cache_root
 from hgdpo.training.losses import hgdpo_loss, sft_loss
+from hgdpo.training.validation import validation_images
 from hgdpo.models.lora import (
     add_lora,
     adapter_disabled,
@@ -391,28 +392,11 @@ def _log_validation(config, components, accelerator, unet, prompt_embeds, negati
     from PIL import Image
 
     unet = _base(accelerator.unwrap_model(unet))
-    pipeline = components.pipeline()
-    pipeline.unet = unet
-    pipeline.set_progress_bar_config(disable=True)
-    width, height = config.size
     unet.eval()
-    rows = []
-    for weight in config.validation_lora_weights:
-        images = []
-        for prompt_embed in prompt_embeds:
-            for seed in config.validation_seeds:
-                with accelerator.autocast():
-                    image = pipeline(
-                        prompt_embeds=prompt_embed[None].to(accelerator.device, unet.dtype),
-                        negative_prompt_embeds=negative_embeds.to(accelerator.device, unet.dtype),
-                        width=width, height=height, num_inference_steps=config.validation_inference_steps,
-                        guidance_scale=config.validation_guidance_scale, cross_attention_kwargs={"scale": weight},
-                        generator=torch.Generator("cpu").manual_seed(seed),
-                    ).images[0]
-                images.append(np.asarray(image))
-        rows.append(np.concatenate(images, axis=1))
+    with accelerator.autocast():
+        rows = validation_images(config, components, unet, prompt_embeds, negative_embeds)
     unet.train()
-    grid = np.concatenate(rows, axis=0)
+    grid = np.concatenate([np.concatenate([np.asarray(image) for image in row], axis=1) for row in rows], axis=0)
     folder = output_dir / "validation"
     folder.mkdir(exist_ok=True)
     Image.fromarray(grid).save(folder / f"step-{step:08d}.png")
