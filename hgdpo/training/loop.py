@@ -28,8 +28,8 @@ from hgdpo.errors import TrainingError
 from hgdpo.fileio import cache_root
 from hgdpo.models.loading import SD15Components, file_sha256, load_sd15, model_fingerprint
 from hgdpo.models.lora import (
-    add_lora,
     adapter_disabled,
+    add_lora,
     kohya_metadata,
     load_lora_state_dict,
     lora_parameters,
@@ -102,13 +102,14 @@ def _setup_logging(output_dir: Path, is_main: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter], device: torch.device):
-    options = dict(
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
+def _make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter],
+                    device: torch.device) -> torch.optim.Optimizer:
+    options = {
+        "lr": config.learning_rate,
+        "betas": (config.adam_beta1, config.adam_beta2),
+        "weight_decay": config.adam_weight_decay,
+        "eps": config.adam_epsilon,
+    }
     if config.optimizer == "adamw8bit":
         if device.type != "cuda":
             logger.warning("8-bit AdamW needs a CUDA device; using torch AdamW on %s.", device.type)
@@ -122,7 +123,8 @@ def _make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter], d
     return torch.optim.AdamW(parameters, **options)
 
 
-def _encode_dataset(config: TrainConfig, components, dataset, accelerator):
+def _encode_dataset(config: TrainConfig, components: SD15Components, dataset: PreferenceDataset,
+                    accelerator: Accelerator) -> tuple[EncodedPairs, torch.Tensor, torch.Tensor]:
     """Encode the dataset into the cache once (each rank its chunks); also the validation prompts."""
     cache_dir = Path(config.cache_dir or cache_root()) / "encoded" / cache_key(
         model_fingerprint(config.model), f"{dataset.fingerprint()}:{config.people_only}", config.size
@@ -390,7 +392,7 @@ def _count_step(run: TrainingRun, finite: bool) -> None:
         )
 
 
-def _log_step(run: TrainingRun, outcome: StepOutcome, bar) -> None:
+def _log_step(run: TrainingRun, outcome: StepOutcome, bar: tqdm) -> None:
     """The step's mean scalars, learning rate and gradient norm to TensorBoard; the headline ones to the bar."""
     scalars = {name: sum(values) / len(values) for name, values in outcome.logs.items()}
     scalars.update({"train/lr": run.lr_scheduler.get_last_lr()[0], "train/grad_norm": float(outcome.grad_norm)})
