@@ -341,7 +341,7 @@ def setup(args, variants) -> Bench:
 def ours_step(bench: Bench, variant: str):
     """One optimizer step of ``hgdpo.training.loop.train``, with its own model calls (``micro_step_loss``)."""
     from hgdpo.training.config import TrainConfig
-    from hgdpo.training.loop import ResumableBatchSampler, StepInputs, micro_step_loss
+    from hgdpo.training.loop import ForwardProcess, ResumableBatchSampler, StepInputs, micro_step_loss
 
     args, device, weight_dtype = bench.args, bench.device, bench.weight_dtype
     config = TrainConfig(loss=variant, beta=args.beta, lambda_stat=args.lambda_stat if variant == "hgdpo" else 0.0)
@@ -352,10 +352,7 @@ def ours_step(bench: Bench, variant: str):
         return {name: torch.stack([item[name] for item in items]) for name in items[0]}
 
     batches = iter(torch.utils.data.DataLoader(bench.encoded, batch_sampler=sampler, collate_fn=collate))
-    scheduler = bench.scheduler
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    clip_range = scheduler.config.clip_sample_range if scheduler.config.get("clip_sample") else None
-    generator = torch.Generator(device).manual_seed(args.seed * 1009)
+    noise = ForwardProcess.of(bench.scheduler, torch.Generator(device).manual_seed(args.seed * 1009))
 
     def step():
         logs: dict[str, list[float]] = defaultdict(list)
@@ -365,7 +362,7 @@ def ours_step(bench: Bench, variant: str):
                 latents=torch.cat([batch["win"], batch["lose"]]).to(device, weight_dtype),
                 text=batch["text"].to(device, weight_dtype),
             )
-            loss = micro_step_loss(config, bench.unet, inputs, scheduler, alphas_cumprod, clip_range, generator, logs)
+            loss = micro_step_loss(config, bench.unet, noise, inputs, logs)
             optimizer.backward(loss)
         grad_norm = optimizer.clip(config.max_grad_norm)
         finite = bool(torch.isfinite(grad_norm))
