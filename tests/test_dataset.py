@@ -1,4 +1,4 @@
-"""Tests for hgdpo.data.dataset: real files in tmp_path, no mocks."""
+"""Tests for the triplet format, readers and writers (hgdpo.data): real files in tmp_path, no mocks."""
 
 from __future__ import annotations
 

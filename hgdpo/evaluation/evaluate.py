@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hgdpo.inference.sampling import SamplingConfig
+from hgdpo.inference.sampling import NOISE_RULE, SamplingConfig
 from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP
 from hgdpo.options import SEED_LIMITS, check_fields, check_value, field_of, option, same_as
 
@@ -303,6 +303,7 @@ def model_digest(spec: ModelSpec, sampling: SamplingConfig, dtype: torch.dtype, 
         "sampling": asdict(spec.sampling(sampling)),
         "dtype": str(dtype),
         "model_config_dir": model_config_dir,
+        "noise": NOISE_RULE,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 

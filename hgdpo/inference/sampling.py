@@ -121,6 +121,9 @@ def latent_shape(unet, vae, width: int, height: int) -> tuple[int, int, int]:
     return unet.config.in_channels, height // factor, width // factor
 
 
+NOISE_RULE = "per-image CPU generator, float32 (seed_noise)"  # in the evaluation cache's digest: a new rule, new images
+
+
 def seed_noise(seeds: Sequence[int], shape: tuple[int, int, int],
                device: str | torch.device) -> tuple[torch.Tensor, list[torch.Generator]]:
     """The seed-to-noise rule of every image the toolkit generates: ``(noise [N, *shape], generators)``.
