@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import platform
 import statistics
 import time
@@ -77,3 +78,10 @@ def proc_status(field_name: str) -> int:
         if line.startswith(field_name + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(field_name)
+
+
+def write_summary(path: str | None, summary: dict) -> None:
+    """Write a benchmark's summary as JSON to ``path`` (nothing when no path was asked for)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=2) + "\n")

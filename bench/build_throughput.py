@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import statistics
@@ -51,7 +50,7 @@ from pathlib import Path
 
 import torch
 from benchlib import BENCH_PROMPTS as _PROMPTS
-from benchlib import cpu_name, interleaved_rounds, median_ratio
+from benchlib import cpu_name, interleaved_rounds, median_ratio, write_summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -386,9 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_scoring:
             summary["scoring"] = bench_scoring(args, workdir)
     summary["environment"] = environment(args, started_utc, load_start)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(args.json, summary)
     print_summary(summary)
     if args.json:
         print(f"wrote {args.json}")

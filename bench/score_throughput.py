@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from benchlib import BENCH_PROMPTS, cpu_name, interleaved_rounds, median_ratio
+from benchlib import BENCH_PROMPTS, cpu_name, interleaved_rounds, median_ratio, write_summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -281,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         spread = f"x{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})"
         print(f"{metric:12s} {figures['parameters'] / 1e6:7.0f}M {figures['images_per_second_median']:8.3f} "
               f"{spread:>22s}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(args.json, summary)
     return 0
 
 

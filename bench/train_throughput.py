@@ -58,7 +58,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from benchlib import BENCH_PROMPTS as _PROMPTS  # noqa: E402
-from benchlib import cpu_name, median_ratio, proc_status, synchronize  # noqa: E402
+from benchlib import cpu_name, median_ratio, proc_status, synchronize, write_summary  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -745,9 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds, cpu_seconds = measure_speed(bench, args.variants)
     stat_term = measure_stat_term(bench) if {"hgdpo", "dpo"} <= set(args.variants) else None
     summary = summarize(args, bench, seconds, cpu_seconds, memory, stat_term)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(args.json, summary)
     print_table(summary)
     if args.json:
         print(f"wrote {args.json}")
