@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="OUT", help="Write all figures (and the raw per-round times) here.")
     args = parser.parse_args(argv)
 
-    from hgdpo.training.config import parse_resolution
+    from hgdpo.options import parse_resolution
 
     cpu = args.device == "cpu"
     args.resolution = args.resolution or ("64" if cpu else "512")

@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from hgdpo.training.config import parse_resolution
+    from hgdpo.options import parse_resolution
 
     args.resolution = args.resolution or ("64" if args.device == "cpu" else "512")
     if args.warmup is None:

@@ -2,7 +2,7 @@
 
 The WebUI generates each output image's N candidates in one batch (the batch size is multiplied by N,
 so candidate k of image j is row ``j * N + k`` and has seed ``seed + j * N + k``); every group of N rows
-is ranked by :func:`hgdpo.data.selection.rank_candidates` with the scorer, and the best row is kept (or all
+is ranked by :func:`hgdpo.feedback.selection.rank_candidates` with the scorer, and the best row is kept (or all
 rows, best first, when the user asks to see the candidates).
 
 PickScore's files live in one folder (default ``models/pickscore`` of the WebUI)::
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hgdpo.data.selection import rank_candidates
+from hgdpo.feedback.selection import rank_candidates
 from hgdpo.feedback import scorers
 from hgdpo.feedback.scorers import ScorerWeightsError
 

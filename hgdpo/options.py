@@ -262,3 +262,17 @@ def to_toml(config) -> str:
 def save_config(config, path: str | Path) -> None:
     """Write :func:`to_toml` of ``config`` to ``path``."""
     Path(path).write_text(to_toml(config), encoding="utf-8")
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``"512"`` -> (512, 512); ``"704x1024"`` -> (704, 1024) as (width, height)."""
+    parts = str(text).lower().replace("*", "x").split("x")
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"Resolution {text!r}: use N or WxH, e.g. 512 or 704x1024.") from None
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2 or any(size <= 0 or size % 8 for size in sizes):
+        raise ValueError(f"Resolution {text!r}: width and height must be positive multiples of 8.")
+    return sizes[0], sizes[1]

@@ -6,7 +6,7 @@
 
 The nodes are thin: the maths lives in the ``hgdpo`` library next to this folder (:mod:`hgdpo.inference.lan`,
 :mod:`hgdpo.inference.lockstep_batch`, :mod:`hgdpo.models.lora_runtime`, :mod:`hgdpo.feedback.scorers`,
-:mod:`hgdpo.data.selection`; how it is found: :mod:`hgdpo_bootstrap`), the
+:mod:`hgdpo.feedback.selection`; how it is found: :mod:`hgdpo_bootstrap`), the
 ComfyUI-specific sampling glue in :mod:`.lan_guider`, and every ComfyUI internal any of them touches in
 :mod:`.comfy_internals` (with the versions it was checked on). Nothing heavy is imported until ComfyUI asks for the
 node list, and each node imports what it needs when it runs.

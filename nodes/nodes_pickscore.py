@@ -9,7 +9,7 @@ PickScore lives in the ``models/pickscore`` folder (registered with ComfyUI's fo
 or comes from the hub when ComfyUI is online. The loaded model is handed to ComfyUI's model management
 (a ModelPatcher), which moves it to the GPU to score and offloads it under memory pressure. Scores are
 :class:`hgdpo.feedback.scorers.PickScoreScorer`'s raw PickScore values (``logit_scale * cos``, never softmaxed over
-the batch), so they compare across runs; the ranking is :func:`hgdpo.data.selection.rank_candidates`.
+the batch), so they compare across runs; the ranking is :func:`hgdpo.feedback.selection.rank_candidates`.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class PickScoreBestOfN(io.ComfyNode):
         import numpy as np
         from PIL import Image
 
-        from hgdpo.data.selection import rank_candidates
+        from hgdpo.feedback.selection import rank_candidates
 
         pixels = (images.clamp(0, 1) * 255).round().to("cpu").numpy().astype(np.uint8)
         ranked = rank_candidates(pickscore, prompt, [Image.fromarray(frame) for frame in pixels])

@@ -92,7 +92,7 @@ def built(tmp_path_factory, tiny_model_dir, tiny_components):
 
 
 def test_read_prompts_txt_tsv_jsonl(tmp_path):
-    from hgdpo.data.prompts import read_prompts
+    from hgdpo.prompts import read_prompts
 
     txt = tmp_path / "p.txt"
     txt.write_text("  a cat \n\n a dog\na cat\n   \nbird\n", encoding="utf-8")
@@ -127,7 +127,7 @@ def test_read_prompts_txt_tsv_jsonl(tmp_path):
 
 
 def test_read_prompts_rejects_non_utf8_with_offset(tmp_path):
-    from hgdpo.data.prompts import read_prompts
+    from hgdpo.prompts import read_prompts
 
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("a café\n".encode("latin-1"))

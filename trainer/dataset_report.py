@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hgdpo.training.config import parse_resolution  # noqa: E402
+from hgdpo.options import parse_resolution  # noqa: E402
 from hgdpo.errors import run_cli  # noqa: E402
 from hgdpo.options import check_value  # noqa: E402
 

@@ -41,7 +41,7 @@ from hgdpo.fileio import atomic_write_bytes, atomic_write_text, remove_stale_tem
 from hgdpo.inference.sampling import ImageGenerator, SamplingConfig
 from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
 from hgdpo.options import SEED_LIMITS, check_fields, check_value, option
-from hgdpo.training.config import parse_resolution
+from hgdpo.options import parse_resolution
 
 __all__ = [
     "BuildConfig",
@@ -430,7 +430,7 @@ def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_
 
     from hgdpo.data.pickapic import export_pickapic
     from hgdpo.data.writers import write_triplet_index
-    from hgdpo.data.prompts import read_prompts
+    from hgdpo.prompts import read_prompts
 
     config.validate()
     prompt_list = read_prompts(config.prompts, column=config.prompt_column, category=config.category)

@@ -236,8 +236,8 @@ class EvaluationOptions:
 
     def to_config(self) -> EvaluationConfig:
         """The :class:`EvaluationConfig` the options describe (the prompt file read, metric sources matched)."""
-        from hgdpo.data.prompts import read_prompts
-        from hgdpo.training.config import parse_resolution
+        from hgdpo.prompts import read_prompts
+        from hgdpo.options import parse_resolution
 
         check_fields(self)
         width, height = parse_resolution(self.resolution)
@@ -278,7 +278,7 @@ def parse_sources(items: Sequence[str], flag: str) -> dict[str, str]:
 
 def default_category(path: str, category: str | None) -> str | None:
     """The category filter: the one given ('' = none), else People for a table with a Category column."""
-    from hgdpo.data.prompts import CATEGORY_COLUMN
+    from hgdpo.prompts import CATEGORY_COLUMN
 
     if category is not None:
         return category or None

@@ -65,7 +65,7 @@ class GenerateJob:
 
     def prompt_texts(self) -> list[str]:
         """The prompts given as text, then those of the prompt file."""
-        from hgdpo.data.prompts import read_prompts
+        from hgdpo.prompts import read_prompts
 
         return [*self.prompt, *(read_prompts(self.prompts, category=self.category) if self.prompts else [])]
 

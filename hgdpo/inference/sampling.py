@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from hgdpo.models.loading import SD15Components
     from hgdpo.feedback.scorers import Scorer
-    from hgdpo.data.selection import ScoredImage
+    from hgdpo.feedback.selection import ScoredImage
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -367,7 +367,7 @@ def best_of_n(generator: ImageGenerator, prompt: str, seed: int, count: int, sco
     """
     from tqdm.auto import tqdm
 
-    from hgdpo.data.selection import rank_candidates
+    from hgdpo.feedback.selection import rank_candidates
 
     if count < 1:
         raise ValueError(f"Best-of-N needs N >= 1, got {count}.")

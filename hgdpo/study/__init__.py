@@ -1,1 +1,1 @@
-"""The pairwise user study: its SQLite store and its web app."""
+"""The pairwise user study (paper Fig. 3, 5a): ``store`` its SQLite store, ``app`` its web app."""

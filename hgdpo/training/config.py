@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hgdpo.models.loading import DTYPES  # noqa: F401  (the precision names, where training code has them)
-from hgdpo.options import check_fields, config_parser, flag_name, option, parse_config, save_config, to_toml
+from hgdpo.options import check_fields, config_parser, flag_name, option, parse_config, parse_resolution, save_config, to_toml
 from hgdpo.training.losses import DEFAULT_BETA, DEFAULT_LAMBDA_STAT
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -152,18 +152,6 @@ class TrainConfig:
         return to_toml(self)
 
 
-def parse_resolution(text: str) -> tuple[int, int]:
-    """``"512"`` -> (512, 512); ``"704x1024"`` -> (704, 1024) as (width, height)."""
-    parts = str(text).lower().replace("*", "x").split("x")
-    try:
-        sizes = [int(part) for part in parts]
-    except ValueError:
-        raise ValueError(f"Resolution {text!r}: use N or WxH, e.g. 512 or 704x1024.") from None
-    if len(sizes) == 1:
-        sizes *= 2
-    if len(sizes) != 2 or any(size <= 0 or size % 8 for size in sizes):
-        raise ValueError(f"Resolution {text!r}: width and height must be positive multiples of 8.")
-    return sizes[0], sizes[1]
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -183,4 +171,4 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     return config
 
 
-__all__ = ["DTYPES", "MAX_SEED", "TrainConfig", "build_parser", "load_config", "parse_resolution", "save_config"]
+__all__ = ["DTYPES", "MAX_SEED", "TrainConfig", "build_parser", "load_config", "save_config"]
