@@ -77,7 +77,7 @@ def test_the_image_generator_and_the_generate_job_regenerate_it(pool, sampling, 
     image = ImageGenerator(tiny_components, device="cpu").generate([record["prompt"]], [record["win_seed"]],
                                                                    sampling).images[0]
     assert np.array_equal(np.asarray(image), stored)
-    job = GenerateJob(model=str(tiny_model_dir), prompts=[record["prompt"]], output_dir=tmp_path, config=sampling,
+    job = GenerateJob(model=str(tiny_model_dir), prompt=[record["prompt"]], output_dir=tmp_path, config=sampling,
                       seed=record["win_seed"], batch_size=1, device="cpu", dtype="fp32")
     [path] = run_generate_job(job, show_progress=False)
     assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), stored)
