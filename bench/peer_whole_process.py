@@ -89,7 +89,7 @@ def ours_command(args, model: Path, data: Path, out: Path) -> list[str]:
             "--resolution", str(args.resolution), "--batch-size", str(args.pairs),
             "--effective-batch-size", str(args.pairs), "--max-steps", str(args.steps),
             "--mixed-precision", "no", "--optimizer", "adamw", "--checkpointing-steps", "100000",
-            "--validation-steps", "100000", "--seed", "0"]
+            "--validation-steps", "0", "--seed", "0"]
 
 
 def peer_command(args, model: Path, data: Path, out: Path) -> list[str]:
@@ -136,6 +136,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both processes")
     parser.add_argument("--work", default="/tmp/hgdpo-peer-bench", help="model, data and outputs go here")
     parser.add_argument("--label", default="ours", help="name of our variant in the JSON (e.g. before/after)")
+    parser.add_argument("--variants", default="ours,diffusers", help="which to run: ours, diffusers or both")
     parser.add_argument("--json", help="write the settings, every run and the medians here")
     args = parser.parse_args()
 
@@ -145,8 +146,11 @@ def main() -> int:
                          args.resolution)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
-    variants = {args.label: ours_command}
-    if args.peer:
+    chosen = args.variants.split(",")
+    variants = {args.label: ours_command} if "ours" in chosen else {}
+    if "diffusers" in chosen:
+        if not args.peer:
+            parser.error("--peer is needed to run diffusers' script")
         variants["diffusers"] = peer_command
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_index in range(args.rounds):
@@ -164,7 +168,7 @@ def main() -> int:
         "runs": runs,
         "medians": medians,
     }
-    if args.peer:
+    if len(medians) == 2:
         ours, peer = medians[args.label], medians["diffusers"]
         report["ratios_ours_over_diffusers"] = {key: ours[key] / peer[key] for key in ("wall_s", "user_s", "sys_s")}
     print(json.dumps({"medians": medians, "ratios": report.get("ratios_ours_over_diffusers")}, indent=2))
