@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hgdpo.models.ldm_names import diffusers_to_ldm_name, diffusers_to_ldm_prefixes
+from hgdpo.models.ldm_names import diffusers_to_ldm_name, diffusers_to_ldm_prefixes, layers
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 UNET_PREFIX = "model.diffusion_model."
@@ -180,7 +180,8 @@ def micro_conditioning(original_size: tuple[int, int], crop_top_left: tuple[int,
 
 
 def _layer_names(unet) -> list[str]:
-    return [name for name, module in unet.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    """Module paths of the UNet's Linear/Conv2d layers (also when peft has wrapped them)."""
+    return list(layers(unet))
 
 
 _CLIP_L = dict(subfolder="text_encoder", tokenizer_subfolder="tokenizer", layout="transformers",
