@@ -46,7 +46,7 @@ def tiny_sdxl_configs(layers_per_block: int = 2) -> dict[str, dict]:
     """SDXL base's configs shrunk (same block types and conditioning, tiny widths)."""
     configs = {
         name: json.loads((SDXL.config_dir / name / "config.json").read_text())
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        for name in ("unet", "text_encoder_2")
     }
     configs["unet"].update(
         sample_size=8,
@@ -61,17 +61,9 @@ def tiny_sdxl_configs(layers_per_block: int = 2) -> dict[str, dict]:
         projection_class_embeddings_input_dim=48 + 6 * 8,
         norm_num_groups=8,
     )
-    configs["vae"].update(
-        sample_size=32,
-        block_out_channels=[32, 64],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-    )
-    configs["text_encoder"].update(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
-    )
+    tiny_sd15 = sd15_factory.tiny_sd15_configs(layers_per_block=1)  # SDXL's VAE and CLIP-L have SD1.5's structure
+    configs["vae"] = {**tiny_sd15["vae"], "scaling_factor": SDXL.latent_scale}
+    configs["text_encoder"] = tiny_sd15["text_encoder"]
     configs["text_encoder_2"].update(
         hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=48
     )

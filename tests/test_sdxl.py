@@ -194,3 +194,30 @@ def test_kohya_sdxl_lora_loads_into_diffusers_with_every_key_matched(xl_models, 
     with safe_open(str(path), framework="pt") as handle:
         assert handle.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
         assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_bundled_sdxl_configs_build_the_real_architecture_and_kohya_names():
+    """SDXL base 1.0 at full size (on the meta device): parameter counts and kohya's SGM LoRA names."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(json.loads((SDXL.config_dir / "unet" / "config.json").read_text()))
+        bigg = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL.config_dir / "text_encoder_2"))
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6) == 2567
+    assert round(sum(p.numel() for p in bigg.parameters()) / 1e6) == 695
+    names = SDXL.kohya_unet_names(unet)
+    attention = {path: name for path, name in names.items() if path.endswith(("to_q", "to_k", "to_v", "to_out.0"))}
+    assert len(attention) == 70 * 2 * 4  # 70 transformer blocks, self- and cross-attention
+    for expected in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                     "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k",
+                     "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0",
+                     "lora_unet_output_blocks_5_1_transformer_blocks_1_attn1_to_v"):
+        assert expected in attention.values()
+    assert names["down_blocks.0.downsamplers.0.conv"] == "lora_unet_input_blocks_3_0_op"
+    assert names["up_blocks.0.upsamplers.0.conv"] == "lora_unet_output_blocks_2_2_conv"
+    assert names["down_blocks.1.resnets.0.conv1"] == "lora_unet_input_blocks_4_0_in_layers_2"
+    assert len(set(names.values())) == len(names)

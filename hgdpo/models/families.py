@@ -112,7 +112,6 @@ class ModelFamily:
     text_encoders: tuple[TextEncoderSlot, ...]
     modelspec_architecture: str
     kohya_base_model_version: str
-    context_dim: int
     extra_unet_config: Mapping[str, object] = field(default_factory=dict)
 
     def encode_prompts(self, prompts: Sequence[str], tokenizers: Sequence, text_encoders: Sequence,
@@ -198,7 +197,6 @@ SD15 = SD15Family(
     text_encoders=(TextEncoderSlot(ldm_prefix="cond_stage_model.transformer.", lora_prefix="lora_te_", **_CLIP_L),),
     modelspec_architecture="stable-diffusion-v1/lora",
     kohya_base_model_version="sd_v1",
-    context_dim=768,
 )
 
 SDXL = SDXLFamily(
@@ -219,7 +217,6 @@ SDXL = SDXLFamily(
     ),
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
     kohya_base_model_version="sdxl_base_v1-0",
-    context_dim=2048,
     extra_unet_config={"addition_embed_type": "text_time"},
 )
 
