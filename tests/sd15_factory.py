@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hgdpo.models.ldm_names import diffusers_to_ldm_prefixes
+from hgdpo.models.ldm_names import diffusers_to_ldm_name, diffusers_to_ldm_prefixes
 from hgdpo.models.tiny import (  # noqa: F401  (re-exported for the tests)
     build_models,
     randomize_parameters,
@@ -83,25 +83,15 @@ def _vae_prefix_map(vae: nn.Module) -> dict[str, tuple[str, dict[str, str]]]:
     return mapping
 
 
-def _rename(suffix: str, renames: dict[str, str]) -> str:
-    for old, new in renames.items():
-        if suffix.startswith(old + "."):
-            return new + suffix[len(old) :]
-    return suffix
-
-
 def _convert(
     state: dict[str, torch.Tensor], mapping: dict[str, tuple[str, dict[str, str]]], what: str
 ) -> dict[str, tuple[str, torch.Tensor]]:
     """Map every key of ``state`` through ``mapping``; an unmapped key is an error, never dropped."""
-    prefixes = sorted(mapping, key=len, reverse=True)
     out: dict[str, tuple[str, torch.Tensor]] = {}
     for key, value in state.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is None:
+        ldm_key = diffusers_to_ldm_name(key, mapping)
+        if ldm_key is None:
             raise KeyError(f"{what}: no LDM mapping for diffusers key {key!r}")
-        ldm_prefix, renames = mapping[prefix]
-        ldm_key = ldm_prefix + _rename(key[len(prefix) :], renames)
         if ldm_key in out:
             raise KeyError(f"{what}: two diffusers keys map to {ldm_key!r}")
         out[ldm_key] = (key, value)

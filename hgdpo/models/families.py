@@ -105,7 +105,6 @@ class ModelFamily:
     name: str
     label: str
     config_dir: Path
-    pipeline_class: str
     latent_scale: float
     default_resolution: int
     buckets: tuple[tuple[int, int], ...]  # (width, height)
@@ -116,6 +115,8 @@ class ModelFamily:
 
     def encode_prompts(self, prompts: Sequence[str], tokenizers: Sequence, text_encoders: Sequence,
                        size: tuple[int, int] | None = None) -> Conditioning:
+        """The prompts as UNet conditioning, one text encoder per :attr:`text_encoders` slot; ``size`` is
+        the image's (height, width) for SDXL's micro-conditioning (default: the family's resolution)."""
         raise NotImplementedError
 
     def kohya_unet_names(self, unet) -> dict[str, str]:
@@ -190,7 +191,6 @@ SD15 = SD15Family(
     name="sd15",
     label="SD1.5",
     config_dir=CONFIG_ROOT / "sd15",
-    pipeline_class="StableDiffusionPipeline",
     latent_scale=0.18215,
     default_resolution=512,
     buckets=((512, 512),),
@@ -203,7 +203,6 @@ SDXL = SDXLFamily(
     name="sdxl",
     label="SDXL",
     config_dir=CONFIG_ROOT / "sdxl",
-    pipeline_class="StableDiffusionXLPipeline",
     latent_scale=0.13025,
     default_resolution=1024,
     # the standard SDXL buckets (about 1024^2 pixels each, sides multiples of 64), as (width, height)

@@ -205,7 +205,8 @@ def diffusers_to_ldm_prefixes(unet: nn.Module) -> dict[str, tuple[str, dict[str,
 
 
 def diffusers_to_ldm_name(name: str, prefixes: dict[str, tuple[str, dict[str, str]]]) -> str | None:
-    """The LDM path of a diffusers UNet key or module path under :func:`diffusers_to_ldm_prefixes`."""
+    """The LDM path of a diffusers key or module path under a prefix map such as :func:`diffusers_to_ldm_prefixes`
+    (longest matching prefix wins); None when no prefix matches."""
     dotted = name + "."
     prefix = max((p for p in prefixes if dotted.startswith(p)), key=len, default=None)
     if prefix is None:
