@@ -221,3 +221,32 @@ def test_bundled_sdxl_configs_build_the_real_architecture_and_kohya_names():
     assert names["up_blocks.0.upsamplers.0.conv"] == "lora_unet_output_blocks_2_2_conv"
     assert names["down_blocks.1.resnets.0.conv1"] == "lora_unet_input_blocks_4_0_in_layers_2"
     assert len(set(names.values())) == len(names)
+
+
+def test_kohya_sdxl_text_encoder_lora_names_load_into_diffusers(xl_models, tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    configs, _ = xl_models
+    models = sdxl_factory.build_models(configs, seed=0)
+    layers = SDXL.kohya_text_encoder_layers((models["text_encoder"], models["text_encoder_2"]))
+    targets = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp_fc1", "mlp_fc2")  # what kohya trains
+    chosen = {name: module for name, module in layers.items() if name.endswith(targets)}
+    assert {name.split("_text_model_")[0] for name in chosen} == {"lora_te1", "lora_te2"}
+    generator = torch.Generator().manual_seed(2)
+    tensors = {}
+    for name, module in chosen.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, module.in_features, generator=generator) * 0.1
+        tensors[f"{name}.lora_up.weight"] = torch.randn(module.out_features, 4, generator=generator) * 0.1
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    path = tmp_path / "te-lora.safetensors"
+    save_file(tensors, str(path))
+    pipe = StableDiffusionXLPipeline(
+        vae=models["vae"], text_encoder=models["text_encoder"], text_encoder_2=models["text_encoder_2"],
+        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"), unet=models["unet"],
+        scheduler=EulerDiscreteScheduler.from_pretrained(SDXL.config_dir, subfolder="scheduler"),
+    )
+    pipe.load_lora_weights(str(path))
+    adapted = [name for encoder in (pipe.text_encoder, pipe.text_encoder_2)
+               for name, _ in encoder.named_modules() if name.endswith("lora_A")]
+    assert len(adapted) == len(chosen)
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in SD15.kohya_text_encoder_layers((models["text_encoder"],))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hgdpo.models.ldm_names import diffusers_to_ldm_name, diffusers_to_ldm_prefixes, layers
+from hgdpo.models.lora_runtime import clip_text_kohya_names
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 UNET_PREFIX = "model.diffusion_model."
@@ -122,6 +123,15 @@ class ModelFamily:
     def kohya_unet_names(self, unet) -> dict[str, str]:
         """``{diffusers module path: kohya LoRA module name}`` for the Linear/Conv2d layers of ``unet``."""
         raise NotImplementedError
+
+    def kohya_text_encoder_layers(self, text_encoders: Sequence[torch.nn.Module]) -> dict[str, torch.nn.Module]:
+        """The text encoders' Linear layers keyed by kohya LoRA name (``lora_te_`` for SD1.x; ``lora_te1_``,
+        ``lora_te2_`` for SDXL's CLIP-L and bigG), e.g. ``lora_te2_text_model_encoder_layers_0_self_attn_q_proj``."""
+        return {
+            slot.lora_prefix + name: module
+            for slot, encoder in zip(self.text_encoders, text_encoders)
+            for name, module in clip_text_kohya_names(encoder).items()
+        }
 
     def matches_unet_config(self, config: Mapping[str, object]) -> bool:
         """Whether a diffusers UNet config is of this family's structure (any width)."""

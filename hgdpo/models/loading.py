@@ -160,7 +160,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, codes)))
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def clip_tokenizer(pad_token: str = CLIP_PAD):
     """The CLIP ViT-L/14 tokenizer of SD1.5, built offline from open_clip's BPE file.
 
