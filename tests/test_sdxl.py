@@ -159,9 +159,18 @@ def test_family_constants():
     assert SD15.text_encoders[0].lora_prefix == "lora_te_"
 
 
-def test_kohya_sdxl_lora_loads_into_diffusers_with_every_key_matched(xl_models, tmp_path):
+def _pipeline(models):
+    """A diffusers ``StableDiffusionXLPipeline`` of the models (as users load LoRAs with diffusers)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+    return StableDiffusionXLPipeline(
+        vae=models["vae"], text_encoder=models["text_encoder"], text_encoder_2=models["text_encoder_2"],
+        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"), unet=models["unet"],
+        scheduler=EulerDiscreteScheduler.from_pretrained(SDXL.config_dir, subfolder="scheduler"),
+    )
+
+
+def test_kohya_sdxl_lora_loads_into_diffusers_with_every_key_matched(xl_models, tmp_path):
     configs, _ = xl_models
     trained = sdxl_factory.build_models(configs, seed=0)["unet"]
     add_lora(trained, rank=4, alpha=4.0)
@@ -178,12 +187,7 @@ def test_kohya_sdxl_lora_loads_into_diffusers_with_every_key_matched(xl_models, 
     assert all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for m in modules)
     assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k" in modules
 
-    fresh = sdxl_factory.build_models(configs, seed=0)
-    pipe = StableDiffusionXLPipeline(
-        vae=fresh["vae"], text_encoder=fresh["text_encoder"], text_encoder_2=fresh["text_encoder_2"],
-        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"), unet=fresh["unet"],
-        scheduler=EulerDiscreteScheduler.from_pretrained(SDXL.config_dir, subfolder="scheduler"),
-    )
+    pipe = _pipeline(sdxl_factory.build_models(configs, seed=0))
     pipe.load_lora_weights(str(path))
     loaded_adapters = [name for name, _ in pipe.unet.named_modules() if name.endswith("lora_A")]
     assert len(loaded_adapters) == len(modules)  # every kohya module found its UNet layer
@@ -224,8 +228,6 @@ def test_bundled_sdxl_configs_build_the_real_architecture_and_kohya_names():
 
 
 def test_kohya_sdxl_text_encoder_lora_names_load_into_diffusers(xl_models, tmp_path):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
     configs, _ = xl_models
     models = sdxl_factory.build_models(configs, seed=0)
     layers = SDXL.kohya_text_encoder_layers((models["text_encoder"], models["text_encoder_2"]))
@@ -240,11 +242,7 @@ def test_kohya_sdxl_text_encoder_lora_names_load_into_diffusers(xl_models, tmp_p
         tensors[f"{name}.alpha"] = torch.tensor(4.0)
     path = tmp_path / "te-lora.safetensors"
     save_file(tensors, str(path))
-    pipe = StableDiffusionXLPipeline(
-        vae=models["vae"], text_encoder=models["text_encoder"], text_encoder_2=models["text_encoder_2"],
-        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer("!"), unet=models["unet"],
-        scheduler=EulerDiscreteScheduler.from_pretrained(SDXL.config_dir, subfolder="scheduler"),
-    )
+    pipe = _pipeline(models)
     pipe.load_lora_weights(str(path))
     adapted = [name for encoder in (pipe.text_encoder, pipe.text_encoder_2)
                for name, _ in encoder.named_modules() if name.endswith("lora_A")]
