@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hgdpo.models.ldm_names import diffusers_to_ldm_name, diffusers_to_ldm_prefixes
 from hgdpo.models.tiny import (  # noqa: F401  (re-exported for the tests)
     build_models,
     randomize_parameters,
@@ -43,14 +44,6 @@ LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_TEXT_PREFIX = "cond_stage_model.transformer."
 
-_UNET_RESNET_RENAMES = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
 _VAE_RESNET_RENAMES = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION_RENAMES = {
     "group_norm": "norm",
@@ -59,51 +52,6 @@ _VAE_ATTENTION_RENAMES = {
     "to_v": "v",
     "to_out.0": "proj_out",
 }
-
-
-def _unet_prefix_map(unet: nn.Module) -> dict[str, tuple[str, dict[str, str]]]:
-    """``diffusers module prefix -> (LDM prefix, renames of the module's own sub-keys)``."""
-    mapping: dict[str, tuple[str, dict[str, str]]] = {
-        "time_embedding.linear_1.": ("time_embed.0.", {}),
-        "time_embedding.linear_2.": ("time_embed.2.", {}),
-        "conv_in.": ("input_blocks.0.0.", {}),
-        "conv_norm_out.": ("out.0.", {}),
-        "conv_out.": ("out.2.", {}),
-        "class_embedding.linear_1.": ("label_emb.0.0.", {}),
-        "class_embedding.linear_2.": ("label_emb.0.2.", {}),
-        "add_embedding.linear_1.": ("label_emb.0.0.", {}),
-        "add_embedding.linear_2.": ("label_emb.0.2.", {}),
-    }
-    index = 1
-    for b, block in enumerate(unet.down_blocks):
-        attentions = getattr(block, "attentions", None)
-        for j in range(len(block.resnets)):
-            mapping[f"down_blocks.{b}.resnets.{j}."] = (f"input_blocks.{index}.0.", _UNET_RESNET_RENAMES)
-            if attentions is not None:
-                mapping[f"down_blocks.{b}.attentions.{j}."] = (f"input_blocks.{index}.1.", {})
-            index += 1
-        if getattr(block, "downsamplers", None) is not None:
-            mapping[f"down_blocks.{b}.downsamplers.0.conv."] = (f"input_blocks.{index}.0.op.", {})
-            index += 1
-
-    mid = unet.mid_block
-    for j in range(len(mid.resnets)):
-        mapping[f"mid_block.resnets.{j}."] = (f"middle_block.{2 * j}.", _UNET_RESNET_RENAMES)
-    for j in range(len(getattr(mid, "attentions", []))):
-        mapping[f"mid_block.attentions.{j}."] = (f"middle_block.{2 * j + 1}.", {})
-
-    index = 0
-    for b, block in enumerate(unet.up_blocks):
-        attentions = getattr(block, "attentions", None)
-        for j in range(len(block.resnets)):
-            mapping[f"up_blocks.{b}.resnets.{j}."] = (f"output_blocks.{index}.0.", _UNET_RESNET_RENAMES)
-            if attentions is not None:
-                mapping[f"up_blocks.{b}.attentions.{j}."] = (f"output_blocks.{index}.1.", {})
-            index += 1
-        if getattr(block, "upsamplers", None) is not None:
-            slot = 2 if attentions is not None else 1  # after the last layer's resnet (+ attention)
-            mapping[f"up_blocks.{b}.upsamplers.0.conv."] = (f"output_blocks.{index - 1}.{slot}.conv.", {})
-    return mapping
 
 
 def _vae_prefix_map(vae: nn.Module) -> dict[str, tuple[str, dict[str, str]]]:
@@ -135,25 +83,15 @@ def _vae_prefix_map(vae: nn.Module) -> dict[str, tuple[str, dict[str, str]]]:
     return mapping
 
 
-def _rename(suffix: str, renames: dict[str, str]) -> str:
-    for old, new in renames.items():
-        if suffix.startswith(old + "."):
-            return new + suffix[len(old) :]
-    return suffix
-
-
 def _convert(
     state: dict[str, torch.Tensor], mapping: dict[str, tuple[str, dict[str, str]]], what: str
 ) -> dict[str, tuple[str, torch.Tensor]]:
     """Map every key of ``state`` through ``mapping``; an unmapped key is an error, never dropped."""
-    prefixes = sorted(mapping, key=len, reverse=True)
     out: dict[str, tuple[str, torch.Tensor]] = {}
     for key, value in state.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is None:
+        ldm_key = diffusers_to_ldm_name(key, mapping)
+        if ldm_key is None:
             raise KeyError(f"{what}: no LDM mapping for diffusers key {key!r}")
-        ldm_prefix, renames = mapping[prefix]
-        ldm_key = ldm_prefix + _rename(key[len(prefix) :], renames)
         if ldm_key in out:
             raise KeyError(f"{what}: two diffusers keys map to {ldm_key!r}")
         out[ldm_key] = (key, value)
@@ -162,7 +100,7 @@ def _convert(
 
 def unet_to_ldm(unet: nn.Module) -> dict[str, torch.Tensor]:
     """UNet weights in the LDM layout, without the ``model.diffusion_model.`` prefix."""
-    converted = _convert(unet.state_dict(), _unet_prefix_map(unet), "unet")
+    converted = _convert(unet.state_dict(), diffusers_to_ldm_prefixes(unet), "unet")
     return {key: value for key, (_, value) in converted.items()}
 
 

@@ -33,7 +33,7 @@ from hgdpo.inference.infotext import (
     parse_parameters,
 )
 from hgdpo.inference.lan import latent_adaptive_normalization
-from hgdpo.models.ldm_names import ldm_to_diffusers_names, ldm_unet_kohya_names
+from hgdpo.models.ldm_names import diffusers_to_ldm_prefixes, ldm_to_diffusers_names, ldm_unet_kohya_names
 from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAArchitectureError, kohya_module_names, read_lora
 from hgdpo.feedback.scorers import FunctionScorer, ScorerWeightsError
 from tests import sd15_factory
@@ -469,7 +469,7 @@ def _tiny_unet():
 
 def _ldm_pairs(unet) -> dict[str, str]:
     """LDM module path -> diffusers module path from the tests' independent single-file converter."""
-    converted = sd15_factory._convert(unet.state_dict(), sd15_factory._unet_prefix_map(unet), "unet")
+    converted = sd15_factory._convert(unet.state_dict(), diffusers_to_ldm_prefixes(unet), "unet")
     return {
         ldm[: -len(".weight")]: key[: -len(".weight")] for ldm, (key, _) in converted.items() if ldm.endswith(".weight")
     }

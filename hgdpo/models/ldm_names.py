@@ -29,6 +29,14 @@ _FIXED = {
     "input_blocks.0.0": "conv_in",
     "out.2": "conv_out",
 }
+DIFFUSERS_TO_LDM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 _RESNET_PARTS = ("in_layers", "emb_layers", "out_layers", "skip_connection")
 _ATTENTION_PARTS = ("norm", "proj_in", "proj_out", "transformer_blocks")
 
@@ -144,6 +152,72 @@ def ldm_to_diffusers_names(names: Iterable[str]) -> dict[str, str]:
         if mapped is not None:
             result[name] = mapped
     return result
+
+
+def diffusers_to_ldm_prefixes(unet: nn.Module) -> dict[str, tuple[str, dict[str, str]]]:
+    """``{diffusers prefix: (LDM prefix, renames of the sub-keys)}`` of a diffusers ``UNet2DConditionModel``.
+
+    The inverse of diffusers' ``convert_ldm_unet_checkpoint``, derived from the blocks of ``unet`` (any
+    number of levels and layers per block; SDXL's ``add_embedding`` is LDM's ``label_emb``). Prefixes
+    end with a dot and apply to parameter keys and module paths alike (append a dot to a path).
+    """
+    mapping: dict[str, tuple[str, dict[str, str]]] = {
+        "time_embedding.linear_1.": ("time_embed.0.", {}),
+        "time_embedding.linear_2.": ("time_embed.2.", {}),
+        "conv_in.": ("input_blocks.0.0.", {}),
+        "conv_norm_out.": ("out.0.", {}),
+        "conv_out.": ("out.2.", {}),
+        "class_embedding.linear_1.": ("label_emb.0.0.", {}),
+        "class_embedding.linear_2.": ("label_emb.0.2.", {}),
+        "add_embedding.linear_1.": ("label_emb.0.0.", {}),
+        "add_embedding.linear_2.": ("label_emb.0.2.", {}),
+    }
+    index = 1
+    for b, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            mapping[f"down_blocks.{b}.resnets.{j}."] = (f"input_blocks.{index}.0.", DIFFUSERS_TO_LDM_RESNET)
+            if attentions is not None:
+                mapping[f"down_blocks.{b}.attentions.{j}."] = (f"input_blocks.{index}.1.", {})
+            index += 1
+        if getattr(block, "downsamplers", None) is not None:
+            mapping[f"down_blocks.{b}.downsamplers.0.conv."] = (f"input_blocks.{index}.0.op.", {})
+            index += 1
+
+    mid = unet.mid_block
+    for j in range(len(mid.resnets)):
+        mapping[f"mid_block.resnets.{j}."] = (f"middle_block.{2 * j}.", DIFFUSERS_TO_LDM_RESNET)
+    for j in range(len(getattr(mid, "attentions", []))):
+        mapping[f"mid_block.attentions.{j}."] = (f"middle_block.{2 * j + 1}.", {})
+
+    index = 0
+    for b, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            mapping[f"up_blocks.{b}.resnets.{j}."] = (f"output_blocks.{index}.0.", DIFFUSERS_TO_LDM_RESNET)
+            if attentions is not None:
+                mapping[f"up_blocks.{b}.attentions.{j}."] = (f"output_blocks.{index}.1.", {})
+            index += 1
+        if getattr(block, "upsamplers", None) is not None:
+            slot = 2 if attentions is not None else 1  # after the last layer's resnet (+ attention)
+            mapping[f"up_blocks.{b}.upsamplers.0.conv."] = (f"output_blocks.{index - 1}.{slot}.conv.", {})
+    return mapping
+
+
+def diffusers_to_ldm_name(name: str, prefixes: dict[str, tuple[str, dict[str, str]]]) -> str | None:
+    """The LDM path of a diffusers key or module path under a prefix map such as :func:`diffusers_to_ldm_prefixes`
+    (longest matching prefix wins); None when no prefix matches."""
+    dotted = name + "."
+    prefix = max((p for p in prefixes if dotted.startswith(p)), key=len, default=None)
+    if prefix is None:
+        return None
+    ldm_prefix, renames = prefixes[prefix]
+    rest = dotted[len(prefix):]
+    for old, new in renames.items():
+        if rest.startswith(old + "."):
+            rest = new + rest[len(old):]
+            break
+    return (ldm_prefix + rest)[:-1]
 
 
 def is_layer(module: nn.Module) -> bool:

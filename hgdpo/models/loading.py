@@ -1,15 +1,17 @@
-"""Loading an SD1.5-family model the way users have it.
+"""Loading SD1.5- and SDXL-family models the way users have them.
 
-One entry point, :func:`load_sd15`, accepts
+One entry point, :func:`load_model` (and :func:`load_sd15` for SD1.5 only), accepts
 
 * a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` ...),
 * a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (needs network access once),
 * a single-file checkpoint (``.safetensors``, or ``.ckpt`` read with ``weights_only=True``) as shared
-  on Civitai, loaded fully offline: the SD1.5 component configs ship in ``hgdpo/configs/sd15`` and the
-  CLIP tokenizer is built from the BPE vocabulary that ships inside ``open_clip``.
+  on Civitai, loaded fully offline: each family's component configs ship in ``hgdpo/models/configs``
+  (:mod:`hgdpo.models.families`) and the CLIP tokenizers are built from the BPE vocabulary that ships
+  inside ``open_clip``.
 
-Checkpoints of other families (SDXL, SD2.x, inpainting, a LoRA passed as a model ...) are refused with
-an error that names what was found.
+The family (and, for single files, the prediction type) is read from the model itself; other families
+(SDXL refiner, SD2.x, SD3, Flux, inpainting, a LoRA passed as a model ...) are refused with an error
+that names what was found.
 """
 
 from __future__ import annotations
@@ -25,6 +27,24 @@ from pathlib import Path
 import torch
 
 from hgdpo.fileio import atomic_write_text, cache_root
+from hgdpo.models.families import (  # noqa: F401  (ModelFamilyError, detect_checkpoint_family: public here too)
+    CLIP_PAD,
+    PREDICTION_HINT,
+    SD15,
+    SDXL,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    Conditioning,
+    ModelFamily,
+    ModelFamilyError,
+    Prediction,
+    TextEncoderSlot,
+    detect_checkpoint_family,
+    detect_prediction,
+    family_of_checkpoint,
+    family_of_unet_config,
+    get_family,
+)
 from hgdpo.safe_load import load_pickle
 
 logger = logging.getLogger(__name__)
@@ -33,7 +53,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16} 
 DTYPE_CHOICES = ("auto", *DTYPES)
 DTYPE_HELP = "Model precision (auto: fp16 on CUDA, fp32 elsewhere)."
 DEVICE_HELP = "Device, e.g. cuda:0 or cpu (default: the accelerator)."
-CONFIG_DIR_HELP = "Diffusers-layout config folder for a single-file --model (default: the bundled SD1.5 configs)."
+CONFIG_DIR_HELP = "Diffusers-layout config folder for a single-file --model (default: the bundled configs of its family)."
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -42,15 +62,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
 
-SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+SD15_CONFIG_DIR = SD15.config_dir
+SDXL_CONFIG_DIR = SDXL.config_dir
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
-
-
-class ModelFamilyError(ValueError):
-    """The given model is not an SD1.5-family text-to-image model."""
+TEXT_ENCODER_PREFIX = SD15.text_encoders[0].ldm_prefix
 
 
 @dataclass
@@ -63,23 +78,69 @@ class SD15Components:
     tokenizer: "CLIPTokenizer"  # noqa: F821
     noise_scheduler: "DDPMScheduler"  # noqa: F821
     source: str
+    family = SD15
+
+    @property
+    def tokenizers(self) -> tuple:
+        return (self.tokenizer,)
+
+    @property
+    def text_encoder_modules(self) -> tuple:
+        return (self.text_encoder,)
+
+    def encode_prompts(self, prompts: list[str], size: tuple[int, int] | None = None) -> Conditioning:
+        """The prompts as UNet conditioning (:meth:`hgdpo.models.families.ModelFamily.encode_prompts`)."""
+        return self.family.encode_prompts(prompts, self.tokenizers, self.text_encoder_modules, size)
 
     def pipeline(self, scheduler=None):
         """A diffusers ``StableDiffusionPipeline`` sharing these modules (DPM-Solver++ by default)."""
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline
 
-        if scheduler is None:
-            scheduler = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
             unet=self.unet,
-            scheduler=scheduler,
+            scheduler=self._sampling_scheduler(scheduler),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
+
+    def _sampling_scheduler(self, scheduler):
+        from diffusers import DPMSolverMultistepScheduler
+
+        return scheduler if scheduler is not None else DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
+
+
+@dataclass
+class SDXLComponents(SD15Components):
+    """An SDXL base model: SD1.5's parts plus the second text encoder (OpenCLIP bigG) and its tokenizer."""
+
+    text_encoder_2: "CLIPTextModelWithProjection" = None  # noqa: F821
+    tokenizer_2: "CLIPTokenizer" = None  # noqa: F821
+    family = SDXL
+
+    @property
+    def tokenizers(self) -> tuple:
+        return (self.tokenizer, self.tokenizer_2)
+
+    @property
+    def text_encoder_modules(self) -> tuple:
+        return (self.text_encoder, self.text_encoder_2)
+
+    def pipeline(self, scheduler=None):
+        """A diffusers ``StableDiffusionXLPipeline`` sharing these modules (DPM-Solver++ by default)."""
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+            scheduler=self._sampling_scheduler(scheduler),
+        )
+
+
+_COMPONENTS = {SD15.name: SD15Components, SDXL.name: SDXLComponents}
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -99,12 +160,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, codes)))
 
 
-@lru_cache(maxsize=1)
-def clip_tokenizer():
+@lru_cache(maxsize=4)
+def clip_tokenizer(pad_token: str = CLIP_PAD):
     """The CLIP ViT-L/14 tokenizer of SD1.5, built offline from open_clip's BPE file.
 
     The vocabulary is the one of ``openai/clip-vit-large-patch14``: 256 byte tokens, their ``</w>``
-    variants, 48,894 merges and the two special tokens (49,408 entries).
+    variants, 48,894 merges and the two special tokens (49,408 entries). SDXL's second tokenizer (for
+    OpenCLIP bigG) is the same BPE padding with ``"!"`` (id 0) instead of ``<|endoftext|>``.
     """
     from transformers import CLIPTokenizer
 
@@ -123,7 +185,7 @@ def clip_tokenizer():
         atomic_write_text(vocab_file, json.dumps({token: i for i, token in enumerate(vocab)}))
         atomic_write_text(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer(
-        str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=77
+        str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77
     )
 
 
@@ -156,81 +218,46 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def detect_checkpoint_family(state_dict: dict[str, torch.Tensor]) -> str:
-    """Name the model family of a single-file checkpoint from its keys and shapes.
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A ``.safetensors`` file's header metadata (empty for other files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
 
-    Returns one of ``sd1``, ``sd1-inpainting``, ``sd1-instruct-pix2pix``, ``sd2``, ``sdxl``,
-    ``sdxl-refiner``, ``lora``, ``unet-only``, ``unknown``.
-    """
-    keys = state_dict.keys()
-    if any(key.startswith(("lora_unet_", "lora_te", "lora_unet.")) for key in keys) or any(
-        ".lora_down." in key or ".lora_A." in key for key in keys
-    ):
-        return "lora"
-    if any(key.startswith("conditioner.embedders.1.") for key in keys):
-        return "sdxl"
-    if any(key.startswith("conditioner.embedders.0.model.") for key in keys):
-        return "sdxl-refiner"
-    if any(key.startswith("cond_stage_model.model.") for key in keys):
-        return "sd2"
-    first_conv = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if first_conv is None:
-        return "unknown"
-    if not any(key.startswith(TEXT_ENCODER_PREFIX) for key in keys):
-        return "unet-only"
-    in_channels = first_conv.shape[1]
-    return {4: "sd1", 9: "sd1-inpainting", 8: "sd1-instruct-pix2pix"}.get(in_channels, "unknown")
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
-_FAMILY_ADVICE = {
-    "sdxl": "an SDXL checkpoint",
-    "sdxl-refiner": "an SDXL refiner checkpoint",
-    "sd2": "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder)",
-    "sd1-inpainting": "an SD1.x inpainting checkpoint (9 UNet input channels)",
-    "sd1-instruct-pix2pix": "an InstructPix2Pix checkpoint (8 UNet input channels)",
-    "lora": "a LoRA file, not a base model (pass the base checkpoint as the model, the LoRA elsewhere)",
-    "unet-only": "a UNet-only file without text encoder and VAE",
-    "unknown": "a file whose keys match no Stable Diffusion checkpoint layout",
-}
+def _text_encoder_from_state_dict(state_dict: dict[str, torch.Tensor], slot: TextEncoderSlot, config_dir: Path):
+    """One text encoder of a single file, loaded strictly (a missing or stray key is an error)."""
+    import transformers
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-
-def _refuse_family(family: str, source: str | Path) -> None:
-    if family != "sd1":
-        raise ModelFamilyError(
-            f"{source} is {_FAMILY_ADVICE[family]}. HG-DPO here trains SD1.5-family text-to-image "
-            "models: pass an SD1.5 (or SD1.5 fine-tune) checkpoint, diffusers folder or hub id."
-        )
-
-
-def _text_encoder_from_state_dict(state_dict: dict[str, torch.Tensor], config_dir: Path):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    weights = {
-        key[len(TEXT_ENCODER_PREFIX) :]: value
-        for key, value in state_dict.items()
-        if key.startswith(TEXT_ENCODER_PREFIX)
-    }
-    # checkpoints say text_model.*, except very old ones; transformers 5 names its keys without it
+    model_class = getattr(transformers, slot.model_class)
+    model = model_class(transformers.CLIPTextConfig.from_pretrained(config_dir / slot.subfolder))
+    if slot.layout == "open_clip":
+        weights = convert_open_clip_checkpoint(model, state_dict, prefix=slot.ldm_prefix)
+    else:
+        weights = {key[len(slot.ldm_prefix):]: value for key, value in state_dict.items()
+                   if key.startswith(slot.ldm_prefix)}
+    # checkpoints say text_model.*, except very old ones; transformers 5 names CLIPTextModel's keys without it
     weights = {key.removeprefix("text_model."): value for key, value in weights.items()}
-    weights.pop("embeddings.position_ids", None)
-    config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder")
-    model = CLIPTextModel(config)
-    if any(key.startswith("text_model.") for key in model.state_dict()):  # transformers 4 layout
-        weights = {f"text_model.{key}": value for key, value in weights.items()}
+    weights = {key: value for key, value in weights.items() if not key.endswith("position_ids")}
+    own = model.state_dict()
+    weights = {(f"text_model.{key}" if f"text_model.{key}" in own else key): value for key, value in weights.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ModelFamilyError(
-            f"The checkpoint's text encoder does not match the SD1.5 CLIP text model: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
+            f"The checkpoint's text encoder at '{slot.ldm_prefix}' does not match {slot.model_class} "
+            f"({config_dir / slot.subfolder}): missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
         )
     return model
 
 
-def _load_single_file(path: Path, config_dir: Path) -> dict:
+def _load_single_file(state_dict: dict[str, torch.Tensor], path: Path, family: ModelFamily, config_dir: Path) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    state_dict = read_state_dict(path)
-    _refuse_family(detect_checkpoint_family(state_dict), path)
     if not any(key.startswith(VAE_PREFIX) for key in state_dict):
         raise ModelFamilyError(f"{path} holds no VAE weights ('{VAE_PREFIX}*'); bake a VAE in first.")
     config = str(config_dir)
@@ -238,59 +265,61 @@ def _load_single_file(path: Path, config_dir: Path) -> dict:
         state_dict, config=config, subfolder="unet", local_files_only=True
     )
     vae = AutoencoderKL.from_single_file(state_dict, config=config, subfolder="vae", local_files_only=True)
-    return {"unet": unet, "vae": vae, "text_encoder": _text_encoder_from_state_dict(state_dict, config_dir)}
+    modules = {"unet": unet, "vae": vae}
+    for slot in family.text_encoders:
+        modules[slot.subfolder] = _text_encoder_from_state_dict(state_dict, slot, config_dir)
+    return modules
+
+
+def _file_prediction(state_dict: dict[str, torch.Tensor], path: Path) -> Prediction | None:
+    """The file's declared prediction type; None (the config's scheduler decides) when undeclared."""
+    declared = detect_prediction(state_dict, read_metadata(path))
+    if declared is None:
+        logger.info("%s declares no prediction type: using the config's scheduler. %s", path, PREDICTION_HINT)
+    return declared
 
 
 # --------------------------------------------------------------------------- folders and hub ids
 
 
-def _check_diffusers_configs(source: str, unet_config: dict, text_config) -> None:
-    """Refuse SDXL, SD2.x and inpainting folders; accept SD1.x-structured models of any width."""
-    if text_config.model_type != "clip_text_model":
-        raise ModelFamilyError(f"{source}: text encoder is {text_config.model_type}, not SD1.5's CLIP.")
-    context_dim = unet_config.get("cross_attention_dim")
-    if unet_config.get("addition_embed_type") == "text_time":
-        _refuse_family("sdxl", source)
-    if context_dim == 1024:
-        _refuse_family("sd2", source)
-    in_channels = unet_config.get("in_channels")
-    if in_channels in (8, 9):
-        _refuse_family({9: "sd1-inpainting", 8: "sd1-instruct-pix2pix"}[in_channels], source)
-    if context_dim != text_config.hidden_size or in_channels != 4:
-        raise ModelFamilyError(
-            f"{source}: UNet with cross_attention_dim={context_dim}, in_channels={in_channels} and a "
-            f"{text_config.hidden_size}-wide text encoder is not an SD1.5-family model."
-        )
-
-
-def _load_pretrained(source: str, local_files_only: bool | None) -> dict:
+def _load_pretrained(source: str, wanted: ModelFamily | None, options: dict) -> tuple[ModelFamily, dict]:
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
-    options = {"local_files_only": local_files_only} if local_files_only is not None else {}
-    if Path(source).is_dir() and (Path(source) / "text_encoder_2").exists():
-        _refuse_family("sdxl", source)
     unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **options)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **options)
-    _check_diffusers_configs(source, unet_config, text_encoder.config)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **options)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **options)
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    family = family_of_unet_config(unet_config, source, wanted)
+    modules = {}
+    for slot in family.text_encoders:
+        model_class = getattr(transformers, slot.model_class)
+        modules[slot.subfolder] = model_class.from_pretrained(source, subfolder=slot.subfolder, **options)
+        if modules[slot.subfolder].config.model_type != "clip_text_model":
+            raise ModelFamilyError(
+                f"{source}: {slot.subfolder} is {modules[slot.subfolder].config.model_type}, not {family.label}'s CLIP."
+            )
+    context_dim = sum(modules[slot.subfolder].config.hidden_size for slot in family.text_encoders)
+    if unet_config.get("cross_attention_dim") != context_dim:
+        raise ModelFamilyError(
+            f"{source}: UNet with cross_attention_dim={unet_config.get('cross_attention_dim')} does not fit its "
+            f"text encoders ({context_dim} channels together): not an {family.label}-family model."
+        )
+    modules["unet"] = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **options)
+    modules["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", **options)
+    return family, modules
 
 
-def _tokenizer_for(source: str, local_files_only: bool | None):
+def _tokenizer_for(source: str, slot: TextEncoderSlot, local_files_only: bool | None):
     """The model's own tokenizer when it ships one, else the offline-built CLIP tokenizer."""
     from transformers import CLIPTokenizer
 
-    folder = Path(source) / "tokenizer"
+    folder = Path(source) / slot.tokenizer_subfolder
     if folder.is_dir():
         return CLIPTokenizer.from_pretrained(folder)
     if not Path(source).exists() and not local_files_only:
         try:
-            return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+            return CLIPTokenizer.from_pretrained(source, subfolder=slot.tokenizer_subfolder)
         except OSError:
-            logger.info("No tokenizer found for %s; using the built-in CLIP tokenizer.", source)
-    return clip_tokenizer()
+            logger.info("No %s found for %s; using the built-in CLIP tokenizer.", slot.tokenizer_subfolder, source)
+    return clip_tokenizer(slot.pad_token)
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -302,6 +331,78 @@ def _looks_like_hub_id(source: str) -> bool:
     )
 
 
+def load_model(
+    source: str | Path,
+    *,
+    family: str | ModelFamily | None = None,
+    config_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool | None = None,
+) -> SD15Components:
+    """Load an SD1.5- or SDXL-family model (fp32, eval mode, on the CPU) from a file, a folder or a hub id.
+
+    Returns :class:`SD15Components` or :class:`SDXLComponents` (``.family`` says which).
+
+    Args:
+        source: single-file checkpoint, diffusers folder, or hub id.
+        family: ``"sd15"``/``"sdxl"`` to accept only that family (default: whichever the model is).
+        config_dir: diffusers-layout folder of component configs used for single files
+            (default: the bundled configs of the detected family).
+        local_files_only: passed to diffusers/transformers for folders and hub ids.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``, overriding what the model declares (a
+            single file's ``v_pred`` marker or ``modelspec.prediction_type``, a folder's scheduler config).
+        zero_terminal_snr: force zero-terminal-SNR betas on or off (default: as declared).
+    """
+    from diffusers import DDPMScheduler
+
+    wanted = get_family(family) if family is not None else None
+    source = str(source)
+    path = Path(source).expanduser()
+    options = {"local_files_only": local_files_only} if local_files_only is not None else {}
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ValueError(f"{path}: expected a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint file.")
+        state_dict = read_state_dict(path)
+        found = family_of_checkpoint(detect_checkpoint_family(state_dict), path, wanted)
+        folder = Path(config_dir) if config_dir is not None else found.config_dir
+        modules = _load_single_file(state_dict, path, found, folder)
+        tokenizers = {slot.tokenizer_subfolder: clip_tokenizer(slot.pad_token) for slot in found.text_encoders}
+        prediction = _file_prediction(state_dict, path)
+        scheduler_source, scheduler_options = folder, {}
+    elif path.is_dir() or _looks_like_hub_id(source):
+        if path.is_dir() and not (path / "unet").is_dir():
+            raise ValueError(
+                f"{path} is a folder but not a diffusers model folder (no unet/ inside). Pass a "
+                "diffusers folder, a single-file checkpoint or a hub id."
+            )
+        name = str(path) if path.is_dir() else source
+        try:
+            found, modules = _load_pretrained(name, wanted, options)
+        except OSError as error:  # hub id not found, offline, or an incomplete folder
+            raise FileNotFoundError(
+                f"Could not load {source!r}: {error}. Check the hub id and the network (downloads need to be "
+                "online once), or pass a local single-file checkpoint or diffusers folder."
+            ) from error
+        tokenizers = {slot.tokenizer_subfolder: _tokenizer_for(name, slot, local_files_only)
+                      for slot in found.text_encoders}
+        prediction, scheduler_source, scheduler_options = None, name, options
+    else:
+        raise FileNotFoundError(
+            f"Model {source!r} not found: give a .safetensors/.ckpt file, a diffusers folder, or a "
+            "hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'."
+        )
+    overrides = prediction.scheduler_overrides() if prediction is not None else {}
+    if prediction_type is not None:
+        overrides["prediction_type"] = Prediction(prediction_type).type
+    if zero_terminal_snr is not None:
+        overrides["rescale_betas_zero_snr"] = zero_terminal_snr
+    scheduler = DDPMScheduler.from_pretrained(scheduler_source, subfolder="scheduler", **scheduler_options, **overrides)
+    for module in modules.values():
+        module.requires_grad_(False).eval()
+    return _COMPONENTS[found.name](noise_scheduler=scheduler, source=source, **tokenizers, **modules)
+
+
 def load_sd15(
     source: str | Path,
     *,
@@ -310,48 +411,15 @@ def load_sd15(
 ) -> SD15Components:
     """Load an SD1.5-family model (fp32, eval mode, on the CPU) from a file, a folder or a hub id.
 
+    Other families, SDXL included, are refused (:func:`load_model` loads SDXL too).
+
     Args:
         source: single-file checkpoint, diffusers folder, or hub id.
         config_dir: diffusers-layout folder of component configs used for single files
             (default: the bundled SD1.5 configs).
         local_files_only: passed to diffusers/transformers for folders and hub ids.
     """
-    from diffusers import DDPMScheduler
-
-    source = str(source)
-    path = Path(source).expanduser()
-    config_dir = Path(config_dir) if config_dir is not None else SD15_CONFIG_DIR
-    if path.is_file():
-        if path.suffix not in SINGLE_FILE_SUFFIXES:
-            raise ValueError(f"{path}: expected a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint file.")
-        modules = _load_single_file(path, config_dir)
-        tokenizer = clip_tokenizer()
-        scheduler = DDPMScheduler.from_pretrained(config_dir, subfolder="scheduler")
-    elif path.is_dir() or _looks_like_hub_id(source):
-        if path.is_dir() and not (path / "unet").is_dir():
-            raise ValueError(
-                f"{path} is a folder but not a diffusers model folder (no unet/ inside). Pass a "
-                "diffusers folder, a single-file checkpoint or a hub id."
-            )
-        try:
-            modules = _load_pretrained(str(path) if path.is_dir() else source, local_files_only)
-        except OSError as error:  # hub id not found, offline, or an incomplete folder
-            raise FileNotFoundError(
-                f"Could not load {source!r}: {error}. Check the hub id and the network (downloads need to be "
-                "online once), or pass a local single-file checkpoint or diffusers folder."
-            ) from error
-        tokenizer = _tokenizer_for(str(path) if path.is_dir() else source, local_files_only)
-        scheduler_source = str(path) if path.is_dir() else source
-        options = {"local_files_only": local_files_only} if local_files_only is not None else {}
-        scheduler = DDPMScheduler.from_pretrained(scheduler_source, subfolder="scheduler", **options)
-    else:
-        raise FileNotFoundError(
-            f"Model {source!r} not found: give a .safetensors/.ckpt file, a diffusers folder, or a "
-            "hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'."
-        )
-    for module in modules.values():
-        module.requires_grad_(False).eval()
-    return SD15Components(tokenizer=tokenizer, noise_scheduler=scheduler, source=source, **modules)
+    return load_model(source, family=SD15, config_dir=config_dir, local_files_only=local_files_only)
 
 
 # --------------------------------------------------------------------------- identity

@@ -1,11 +1,14 @@
 """The HG-DPO LoRA: attaching it to a UNet for training, and its kohya ``.safetensors`` format.
 
-The file format is the one of kohya's sd-scripts for SD1.x, which ComfyUI's ``LoraLoader``, the
-WebUI's built-in Lora extension and diffusers' ``load_lora_weights`` all read::
+The file format is the one of kohya's sd-scripts, which ComfyUI's ``LoraLoader``, the WebUI's built-in
+Lora extension and diffusers' ``load_lora_weights`` all read::
 
-    lora_unet_<diffusers module path, dots as underscores>.lora_down.weight   [rank, in]
-    lora_unet_<...>.lora_up.weight                                              [out, rank]
-    lora_unet_<...>.alpha                                                       scalar
+    lora_unet_<module name, dots as underscores>.lora_down.weight   [rank, in]
+    lora_unet_<...>.lora_up.weight                                    [out, rank]
+    lora_unet_<...>.alpha                                             scalar
+
+The module name is the family's (:meth:`hgdpo.models.families.ModelFamily.kohya_unet_names`): diffusers'
+module path for SD1.x, the original SGM/LDM path (``input_blocks_4_1_...``) for SDXL.
 
 The applied update is ``weight * (alpha / rank) * up @ down``.
 """
@@ -20,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from hgdpo.models.families import KOHYA_UNET_PREFIX, SD15, ModelFamily
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-KOHYA_UNET_PREFIX = "lora_unet_"
 _PEFT_DOWN, _PEFT_UP = ".lora_A.weight", ".lora_B.weight"
 _KOHYA_DOWN, _KOHYA_UP, _KOHYA_ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
@@ -75,13 +79,20 @@ def load_lora_state_dict(unet, state_dict: dict[str, torch.Tensor]) -> None:
         )
 
 
-def peft_to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """Rename peft LoRA weights to kohya's SD1.x UNet keys and add the per-module alpha."""
+def peft_to_kohya(
+    state_dict: dict[str, torch.Tensor], alpha: float, names: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Rename peft LoRA weights to kohya UNet keys and add the per-module alpha.
+
+    ``names`` maps module paths to kohya names (:meth:`ModelFamily.kohya_unet_names`; default: SD1.x's
+    ``lora_unet_`` + diffusers path).
+    """
     kohya: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         for peft_suffix, kohya_suffix in ((_PEFT_DOWN, _KOHYA_DOWN), (_PEFT_UP, _KOHYA_UP)):
             if key.endswith(peft_suffix):
-                module = KOHYA_UNET_PREFIX + key[: -len(peft_suffix)].replace(".", "_")
+                path = key[: -len(peft_suffix)]
+                module = names[path] if names is not None else KOHYA_UNET_PREFIX + path.replace(".", "_")
                 kohya[module + kohya_suffix] = value
                 kohya[module + _KOHYA_ALPHA] = torch.tensor(float(alpha))
                 break
@@ -100,10 +111,13 @@ def kohya_metadata(
     base_model_hash: str | None,
     training: dict[str, object],
     hgdpo: dict[str, object],
+    family: ModelFamily = SD15,
+    prediction_type: str = "epsilon",
 ) -> dict[str, str]:
     """Metadata for the LoRA file: kohya ``ss_*`` keys, ``modelspec.*`` and ``hgdpo.*``.
 
-    ``resolution`` is (width, height). All values are strings, as safetensors requires.
+    ``resolution`` is (width, height); ``prediction_type`` is ``modelspec``'s (``epsilon`` or ``v``).
+    All values are strings, as safetensors requires.
     """
     width, height = resolution
     now = datetime.now(timezone.utc).replace(microsecond=0)
@@ -112,19 +126,19 @@ def kohya_metadata(
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
         "ss_network_args": json.dumps({"target_modules": "attention to_q/to_k/to_v/to_out.0"}),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": family.kohya_base_model_version,
         "ss_v2": "False",
         "ss_sd_model_name": Path(base_model).name,
         "ss_resolution": f"({width}, {height})",
         "ss_output_name": title,
         "ss_training_finished_at": str(int(now.timestamp())),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.architecture": family.modelspec_architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": now.isoformat(),
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": prediction_type,
         "modelspec.description": "HG-DPO LoRA (Diffusion-DPO with AI feedback and statistic matching).",
     }
     if base_model_hash:
@@ -141,13 +155,14 @@ def save_kohya_lora(
     alpha: float,
     metadata: dict[str, str],
     dtype: torch.dtype = torch.float16,
+    names: dict[str, str] | None = None,
 ) -> Path:
-    """Write the LoRA in kohya format, atomically (temp file, then rename)."""
+    """Write the LoRA in kohya format, atomically (temp file, then rename); ``names`` as in :func:`peft_to_kohya`."""
     from safetensors.torch import save_file
 
     from hgdpo.fileio import atomic_path
 
-    kohya = {key: value.to(dtype).contiguous() for key, value in peft_to_kohya(state_dict, alpha).items()}
+    kohya = {key: value.to(dtype).contiguous() for key, value in peft_to_kohya(state_dict, alpha, names).items()}
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(kohya, str(tmp), metadata=metadata)

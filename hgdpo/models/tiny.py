@@ -80,10 +80,11 @@ def randomize_parameters(model: nn.Module, generator: torch.Generator, std: floa
 
 
 def build_models(configs: dict[str, dict], seed: int = 0, std: float = 0.02) -> dict[str, nn.Module]:
-    """``{"unet", "vae", "text_encoder"}`` with deterministic random weights (fp32, CPU, eval mode)."""
+    """``{"unet", "vae", "text_encoder"}`` (and ``"text_encoder_2"``, a ``CLIPTextModelWithProjection``,
+    when ``configs`` has one, as SDXL's do) with deterministic random weights (fp32, CPU, eval mode)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -93,6 +94,9 @@ def build_models(configs: dict[str, dict], seed: int = 0, std: float = 0.02) -> 
             "vae": AutoencoderKL.from_config(_init_kwargs(configs["vae"])),
             "text_encoder": CLIPTextModel(CLIPTextConfig(**_init_kwargs(configs["text_encoder"]))),
         }
+        if "text_encoder_2" in configs:
+            config = CLIPTextConfig(**_init_kwargs(configs["text_encoder_2"]))
+            models["text_encoder_2"] = CLIPTextModelWithProjection(config)
     for model in models.values():
         randomize_parameters(model, generator, std=std).eval()
     return models
