@@ -266,7 +266,7 @@ class ImageGenerator:
         self.unet_lora: FunctionalLoRA | None = None
         self.text_lora: FunctionalLoRA | None = None
         if self.lora is not None:
-            self.unet_lora, self.text_lora = attach_lora(self.dpo.unet, self.dpo.text_encoder, self.lora, scale=0.0)
+            self.unet_lora, self.text_lora = attach_lora(self.dpo.unet, self.dpo.text_encoder_modules, self.lora, scale=0.0)
         self._pipelines = {}
 
     @property

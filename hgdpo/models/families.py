@@ -20,8 +20,13 @@ from pathlib import Path
 
 import torch
 
-from hgdpo.models.ldm_names import diffusers_to_ldm_name, diffusers_to_ldm_prefixes, layers
-from hgdpo.models.lora_runtime import clip_text_kohya_names
+from hgdpo.models.ldm_names import (
+    clip_text_kohya_names,
+    diffusers_to_ldm_name,
+    diffusers_to_ldm_prefixes,
+    ldm_unet_kohya_names,
+    layers,
+)
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 UNET_PREFIX = "model.diffusion_model."
@@ -124,6 +129,11 @@ class ModelFamily:
         """``{diffusers module path: kohya LoRA module name}`` for the Linear/Conv2d layers of ``unet``."""
         raise NotImplementedError
 
+    def ldm_unet_kohya_modules(self, unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """An LDM/SGM-layout UNet's layers (the WebUIs' and ComfyUI's ``diffusion_model``) keyed by this
+        family's kohya names without ``lora_unet_``."""
+        raise NotImplementedError
+
     def kohya_text_encoder_layers(self, text_encoders: Sequence[torch.nn.Module]) -> dict[str, torch.nn.Module]:
         """The text encoders' Linear layers keyed by kohya LoRA name (``lora_te_`` for SD1.x; ``lora_te1_``,
         ``lora_te2_`` for SDXL's CLIP-L and bigG), e.g. ``lora_te2_text_model_encoder_layers_0_self_attn_q_proj``."""
@@ -150,6 +160,10 @@ class SD15Family(ModelFamily):
     def kohya_unet_names(self, unet) -> dict[str, str]:
         """kohya's SD1.x names are diffusers' module paths: ``lora_unet_down_blocks_0_attentions_0_...``."""
         return {name: KOHYA_UNET_PREFIX + name.replace(".", "_") for name in _layer_names(unet)}
+
+    def ldm_unet_kohya_modules(self, unet):
+        """kohya's SD1.x names are diffusers paths: mapped from the LDM ones (:func:`ldm_unet_kohya_names`)."""
+        return ldm_unet_kohya_names(unet)
 
     def matches_unet_config(self, config) -> bool:
         return config.get("addition_embed_type") is None and super().matches_unet_config(config)
@@ -180,6 +194,10 @@ class SDXLFamily(ModelFamily):
             if ldm is not None:
                 names[name] = KOHYA_UNET_PREFIX + ldm.replace(".", "_")
         return names
+
+    def ldm_unet_kohya_modules(self, unet):
+        """kohya's SDXL names are the SGM module paths themselves, dots as underscores."""
+        return {name.replace(".", "_"): module for name, module in layers(unet).items()}
 
 
 def micro_conditioning(original_size: tuple[int, int], crop_top_left: tuple[int, int],
