@@ -261,9 +261,11 @@ def save_fake_lora(path: str | Path, rank: int = 4) -> Path:
 
 def save_random_lora(unet: nn.Module, path: str | Path, *, rank: int = 8, std: float = 0.05, seed: int = 0,
                      targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
-                     text_encoder: nn.Module | None = None) -> Path:
+                     text_encoder: nn.Module | None = None, family=None) -> Path:
     """A random kohya LoRA shaped for ``unet`` (and optionally the text encoder's q/k/v/out projections),
-    written by hgdpo's own writer, so it has an effect (the trainer's initial up weights are zero)."""
+    written by hgdpo's own writer, so it has an effect (the trainer's initial up weights are zero).
+    ``family`` (default SD1.5) names the UNet modules and the metadata (SDXL: SGM names)."""
+    from hgdpo.models.families import SD15
     from hgdpo.models.lora import kohya_metadata, save_kohya_lora
     from hgdpo.models.lora_runtime import TEXT_ENCODER_PREFIX
 
@@ -274,8 +276,10 @@ def save_random_lora(unet: nn.Module, path: str | Path, *, rank: int = 8, std: f
             state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * std
             state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * std
     metadata = kohya_metadata(rank=rank, alpha=float(rank), title=Path(path).stem, resolution=(64, 64),
-                              base_model="random", base_model_hash=None, training={}, hgdpo={"loss": "hgdpo"})
-    path = save_kohya_lora(path, state, float(rank), metadata, dtype=torch.float32)
+                              base_model="random", base_model_hash=None, training={}, hgdpo={"loss": "hgdpo"},
+                              family=family or SD15)
+    path = save_kohya_lora(path, state, float(rank), metadata, dtype=torch.float32,
+                           names=(family or SD15).kohya_unet_names(unet))
     if text_encoder is not None:
         from safetensors.torch import load_file, save_file
 

@@ -120,7 +120,7 @@ CASES = [
     ("sample-steps-0", lambda w: _sample(w, "--steps", 0), 1, ["--steps 0", ">= 1"]),
     ("sample-cfg-nan", lambda w: _sample(w, "--cfg", "nan"), 1, ["--cfg nan", "finite"]),
     ("sample-lan-2", lambda w: _sample(w, "--lan", 2), 1, ["--lan 2", "<= 1"]),
-    ("sample-width-odd", lambda w: _sample(w, "--width", 500), 1, ["500x512", "multiples of 8"]),
+    ("sample-width-odd", lambda w: _sample(w, "--width", 500), 1, ["500xauto", "multiples of 8"]),
     ("sample-lora-missing", lambda w: _sample(w, "--lora", w["root"] / "none.safetensors"), 1,
      ["--lora", "none.safetensors", "not found"]),
     ("sample-best-of-0", lambda w: _sample(w, "--best-of", 0), 1, ["--best-of 0", ">= 1"]),

@@ -46,7 +46,7 @@ def test_help_shows_defaults_and_paper_values():
     assert "'pickscore' (paper)" in text and "--config CONFIG" in text
     text = " ".join(config_parser(GenerateJob, "test").format_help().split())
     assert "LoRA weight (paper: 0.5). (default: 0.5)" in text and "--lan [STRENGTH]" in text
-    assert "--model MODEL SD1.5-family model (the SFT model)" in text and "(required)" in text
+    assert "--model MODEL SD1.5- or SDXL-family model (the SFT model)" in text and "(required)" in text
 
 
 def test_sample_job_round_trips_through_its_toml_file(tmp_path):

@@ -140,6 +140,7 @@ class BuildConfig:
         if self.export_pickapic and Path(self.export_pickapic).expanduser().is_dir():
             raise ValueError(f"--export-pickapic {self.export_pickapic} is a folder; give a .parquet file path.")
         check_output_dir(Path(self.output_dir).expanduser())
+        self.model_options.check_source(self.model, self.size)
 
     def load_scorer(self, device: torch.device | str) -> Scorer:
         """The scorer the options name (its model and processor, or the scorer's defaults)."""

@@ -89,6 +89,7 @@ class GenerateJob:
                 raise FileNotFoundError(f"{flag} {path} not found; check the path.")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ValueError(f"--output-dir {self.output_dir} is a file; give a folder (it is created if missing).")
+        self.model_options.check_source(self.model, self.config.size)
         if self.save_sft and (self.config.lan_strength == 0.0 or self.best_of > 1):
             raise ValueError("--save-sft needs --lan and no --best-of (the SFT image comes from the lockstep "
                              "trajectory of a single image).")

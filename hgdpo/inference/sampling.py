@@ -86,7 +86,8 @@ class SamplingConfig:
             raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
         check_fields(self)
         if (self.width or 8) % 8 or (self.height or 8) % 8:
-            raise ValueError(f"Width and height must be positive multiples of 8, got {self.width}x{self.height}.")
+            raise ValueError(f"Width and height must be positive multiples of 8, got {self.width or 'auto'}x"
+                             f"{self.height or 'auto'}.")
 
     @property
     def size(self) -> tuple[int, int] | None:

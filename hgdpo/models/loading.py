@@ -263,10 +263,17 @@ def _load_single_file(state_dict: dict[str, torch.Tensor], path: Path, family: M
     if not any(key.startswith(VAE_PREFIX) for key in state_dict):
         raise ModelFamilyError(f"{path} holds no VAE weights ('{VAE_PREFIX}*'); bake a VAE in first.")
     config = str(config_dir)
-    unet = UNet2DConditionModel.from_single_file(
-        state_dict, config=config, subfolder="unet", local_files_only=True
-    )
-    vae = AutoencoderKL.from_single_file(state_dict, config=config, subfolder="vae", local_files_only=True)
+    try:
+        unet = UNet2DConditionModel.from_single_file(
+            state_dict, config=config, subfolder="unet", local_files_only=True
+        )
+        vae = AutoencoderKL.from_single_file(state_dict, config=config, subfolder="vae", local_files_only=True)
+    except (KeyError, RuntimeError, ValueError) as error:  # a key the family has is missing, or a shape differs
+        raise ModelFamilyError(
+            f"{path} has the keys of an {family.label} checkpoint, but its UNet/VAE weights do not fit the "
+            f"{family.label} configs in {config_dir} ({type(error).__name__}: {error}). The file is incomplete or "
+            "not a base model; for a differently sized model pass its configs with --model-config-dir."
+        ) from error
     modules = {"unet": unet, "vae": vae}
     for slot in family.text_encoders:
         modules[slot.subfolder] = _text_encoder_from_state_dict(state_dict, slot, config_dir)
@@ -473,12 +480,17 @@ class ModelOptions:
             raise ValueError(f"{problem} Pass --resolution (or --width/--height) of a bucket, or --any-resolution "
                              "to use this size anyway.")
 
-    def load(self, source: str | Path, config_dir: str | Path | None = None,
-             size: tuple[int, int] | None = None) -> SD15Components:
-        """:func:`load_model` with these options; ``size`` is checked against the family before and after loading."""
+    def check_source(self, source: str | Path, size: tuple[int, int] | None) -> None:
+        """Refuse a model of a refused kind, or a size that does not suit its family, from the file's header
+        alone (nothing loads; hub ids and pickles are checked once loaded)."""
         family = peek_family(source)
         if family is not None:
             self.check_size(family, size)
+
+    def load(self, source: str | Path, config_dir: str | Path | None = None,
+             size: tuple[int, int] | None = None) -> SD15Components:
+        """:func:`load_model` with these options; ``size`` is checked against the family before and after loading."""
+        self.check_source(source, size)
         components = load_model(
             source, config_dir=config_dir,
             prediction_type=None if self.prediction_type == "auto" else self.prediction_type,

@@ -143,6 +143,7 @@ class TrainConfig:
         if not self.output_name.strip() or Path(self.output_name).name != self.output_name:
             raise ValueError(f"--output-name {self.output_name!r}: give a file name without folders.")
         self._validate_paths()
+        self.model_options.check_source(self.model, self.size)
 
     def _validate_paths(self) -> None:
         for name in ("output_dir", "cache_dir"):
