@@ -71,10 +71,11 @@ def _tiny_unet(seed: int) -> UNet2DConditionModel:
     return unet.eval()
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_statistic_loss_equals_explicit_two_model_ddpm_step(prediction_type):
+@pytest.mark.parametrize(("prediction_type", "zero_snr"),
+                         [("epsilon", False), ("v_prediction", False), ("v_prediction", True)])  # True: NoobAI V-Pred
+def test_statistic_loss_equals_explicit_two_model_ddpm_step(prediction_type, zero_snr):
     """Eq. 8 from the DPO term's predictions == two models each stepped by DDPMScheduler.step."""
-    scheduler = _scheduler(prediction_type=prediction_type)
+    scheduler = _scheduler(prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
     policy_unet, reference_unet = _tiny_unet(1), _tiny_unet(2)
     generator = torch.Generator().manual_seed(0)
     pairs = 3
