@@ -225,7 +225,7 @@ def test_config_file_and_flags(tmp_path):
     config = load_config(["--config", str(config_file), "--lora-rank", "4"])
     assert (config.beta, config.lora_rank, config.model) == (1000.0, 4, "m")
     assert config.validation_prompts == ['a "quoted" prompt']
-    assert config.size == (512, 512) and TrainConfig(resolution="704x1024").size == (704, 1024)
+    assert config.size is None and TrainConfig(resolution="704x1024").size == (704, 1024)  # auto: the family's
     (tmp_path / "bad.toml").write_text("betta = 1\n")
     with pytest.raises(SystemExit, match="betta"):
         load_config(["--config", str(tmp_path / "bad.toml")])
