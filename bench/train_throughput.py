@@ -265,6 +265,7 @@ def setup(args, variants) -> Bench:
 
     from hgdpo.training.latent_cache import build_cache, finalize_cache, preprocess_image
     from hgdpo.models.lora import add_lora, lora_parameters
+    from hgdpo.models.families import SD15
     from hgdpo.models.loading import SD15_CONFIG_DIR, clip_tokenizer
     from hgdpo.models.tiny import build_models, sd15_configs, tiny_sd15_configs
 
@@ -287,7 +288,7 @@ def setup(args, variants) -> Bench:
     vae.to(device)
     text_encoder.to(device)
     cache_dir = tempfile.TemporaryDirectory(prefix="hgdpo-bench-cache-")
-    components = SimpleNamespace(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    components = SimpleNamespace(vae=vae, family=SD15, tokenizers=(tokenizer,), text_encoder_modules=(text_encoder,))
     build_cache(dataset, components, args.size, cache_dir.name)
     encoded = finalize_cache(cache_dir.name, len(dataset))
 
@@ -341,6 +342,7 @@ def setup(args, variants) -> Bench:
 def ours_step(bench: Bench, variant: str):
     """One optimizer step of ``hgdpo.training.loop.train``, with its own model calls (``micro_step_loss``)."""
     from hgdpo.training.config import TrainConfig
+    from hgdpo.models.families import Conditioning
     from hgdpo.training.loop import ForwardProcess, ResumableBatchSampler, StepInputs, micro_step_loss
 
     args, device, weight_dtype = bench.args, bench.device, bench.weight_dtype
@@ -360,7 +362,7 @@ def ours_step(bench: Bench, variant: str):
             batch = next(batches)
             inputs = StepInputs(
                 latents=torch.cat([batch["win"], batch["lose"]]).to(device, weight_dtype),
-                text=batch["text"].to(device, weight_dtype),
+                text=Conditioning(batch["text"].to(device, weight_dtype)),
             )
             loss = micro_step_loss(config, bench.unet, noise, inputs, logs)
             optimizer.backward(loss)
