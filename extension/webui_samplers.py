@@ -32,9 +32,9 @@ import k_diffusion.sampling
 import torch
 from modules import prompt_parser, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, shared
 
-from hgdpo.models.ldm_names import ldm_unet_kohya_names
 from hgdpo.inference.lockstep_batch import row_scales
-from hgdpo.models.lora_runtime import FollowingLoRA, LoRAArchitectureError, LoRAFile, clip_text_kohya_names
+from hgdpo.models.ldm_names import clip_text_kohya_names, ldm_unet_kohya_names
+from hgdpo.models.lora_runtime import FollowingLoRA, LoRAArchitectureError, LoRAFile
 
 from . import lora_files, webui_lockstep
 from . import settings as hs
@@ -148,7 +148,7 @@ class _Session:
                 f"{label} has text-encoder weights, but no CLIP text model was found in the loaded checkpoint."
             )
         backend.prepare_text_encoder(sd_model)
-        hooks = FollowingLoRA(clip_text_kohya_names(encoder), lora.text_encoder, self.weight, label)
+        hooks = FollowingLoRA(clip_text_kohya_names(encoder), lora.text_encoders[0], self.weight, label)
         try:
             return _fresh_conditioning(p)
         finally:

@@ -264,8 +264,11 @@ def save_config(config, path: str | Path) -> None:
     Path(path).write_text(to_toml(config), encoding="utf-8")
 
 
-def parse_resolution(text: str) -> tuple[int, int]:
-    """``"512"`` -> (512, 512); ``"704x1024"`` -> (704, 1024) as (width, height)."""
+def parse_resolution(text: str) -> tuple[int, int] | None:
+    """``"512"`` -> (512, 512); ``"704x1024"`` -> (704, 1024) as (width, height); ``"auto"`` -> None (the model
+    family's default, once the model is known)."""
+    if str(text).lower() == "auto":
+        return None
     parts = str(text).lower().replace("*", "x").split("x")
     try:
         sizes = [int(part) for part in parts]

@@ -7,13 +7,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hgdpo.models.families import SD15, SDXL
 from hgdpo.models.lora_runtime import (
     FollowingLoRA,
     FunctionalLoRA,
     LoRAArchitectureError,
     LoRAModule,
     attach_lora,
-    kohya_module_names,
+    unet_kohya_modules,
     lora_from_state_dict,
     read_lora,
 )
@@ -36,7 +37,7 @@ def run(unet, inputs):
 def merged_copy(unet, lora_file, weight: float):
     """An independent reference: the LoRA merged into a copy's weights, W + w * (alpha/rank) * up @ down."""
     merged = copy.deepcopy(unet)
-    modules = kohya_module_names(merged)
+    modules = unet_kohya_modules(merged, SD15)
     with torch.no_grad():
         for name, module in lora_file.unet.items():
             modules[name].weight += weight * module.multiplier * (module.up @ module.down)
@@ -56,7 +57,7 @@ def test_reads_hgdpo_lora_and_matches_merged_weights(tiny_models, tiny_lora):
     assert lora.metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     inputs = unet_inputs(unet)
     base = run(unet, inputs)
-    hooks, text_hooks = attach_lora(unet, None, lora, scale=0.5)
+    hooks, text_hooks = attach_lora(unet, (), lora, scale=0.5)
     assert text_hooks is None and len(hooks) == len(lora.unet)
     with_lora = run(unet, inputs)
     torch.testing.assert_close(with_lora, run(merged_copy(models["unet"], lora, 0.5), inputs), rtol=1e-4, atol=1e-5)
@@ -68,7 +69,7 @@ def test_reads_hgdpo_lora_and_matches_merged_weights(tiny_models, tiny_lora):
 def test_per_sample_scale_evaluates_base_and_lora_rows_in_one_forward(tiny_models, tiny_lora):
     _, models = tiny_models
     unet = copy.deepcopy(models["unet"])
-    hooks, _ = attach_lora(unet, None, read_lora(tiny_lora), scale=0.0)
+    hooks, _ = attach_lora(unet, (), read_lora(tiny_lora), scale=0.0)
     inputs = unet_inputs(unet)
     base = run(unet, inputs)
     hooks.scale = 0.8
@@ -105,11 +106,11 @@ def test_text_encoder_part_is_hooked_onto_the_text_encoder(tiny_models, tmp_path
     ids = torch.randint(0, 1000, (1, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = text_encoder(ids)[0]
-        _, text_hooks = attach_lora(copy.deepcopy(models["unet"]), text_encoder, lora, scale=1.0)
+        _, text_hooks = attach_lora(copy.deepcopy(models["unet"]), (text_encoder,), lora, scale=1.0)
         after = text_encoder(ids)[0]
     assert text_hooks is not None and (after - before).abs().max() > 1e-3
     with pytest.raises(ValueError, match="text encoder"):
-        attach_lora(copy.deepcopy(models["unet"]), None, lora)
+        attach_lora(copy.deepcopy(models["unet"]), (), lora)
 
 
 def _write(path, tensors, metadata=None):
@@ -123,14 +124,21 @@ def test_other_architectures_and_formats_are_refused_with_the_reason(tiny_models
     sdxl_meta = _write(
         tmp_path / "xl.safetensors", tensors, {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
     )
-    with pytest.raises(LoRAArchitectureError, match="stable-diffusion-xl"):
-        read_lora(sdxl_meta)
+    assert read_lora(sdxl_meta).family is SDXL  # the metadata names the family
+    with pytest.raises(LoRAArchitectureError, match="is an SDXL LoRA, but the model is an SD1.5 model"):
+        read_lora(sdxl_meta, family=SD15)
+    refiner = _write(tmp_path / "refiner.safetensors", tensors,
+                     {"modelspec.architecture": "stable-diffusion-xl-v1-refiner/lora"})
+    with pytest.raises(LoRAArchitectureError, match="stable-diffusion-xl-v1-refiner"):
+        read_lora(refiner)
     te1 = _write(
         tmp_path / "te1.safetensors",
-        {**tensors, "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)},
+        {**tensors, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32),
+         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(37, 4)},
     )
+    assert read_lora(te1).family is SDXL  # kohya's SDXL text-encoder names
     with pytest.raises(LoRAArchitectureError, match="SDXL"):
-        read_lora(te1)
+        read_lora(te1, family=SD15)
     loha = _write(tmp_path / "loha.safetensors", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2)})
     with pytest.raises(LoRAArchitectureError, match="LoHa"):
         read_lora(loha)
@@ -142,16 +150,16 @@ def test_other_architectures_and_formats_are_refused_with_the_reason(tiny_models
     sd2[f"{key}.lora_down.weight"] = torch.zeros(8, 1024)
     unet = copy.deepcopy(models["unet"])
     with pytest.raises(LoRAArchitectureError, match="SD2"):
-        attach_lora(unet, None, read_lora(_write(tmp_path / "sd2.safetensors", sd2)))
+        attach_lora(unet, (), read_lora(_write(tmp_path / "sd2.safetensors", sd2)))
     unknown = _write(
         tmp_path / "unknown.safetensors",
         {
-            "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(8, 4),
-            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(4, 8),
+            "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.zeros(8, 4),
+            "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.zeros(4, 8),
         },
     )
     with pytest.raises(LoRAArchitectureError, match="does not fit"):
-        attach_lora(unet, None, read_lora(unknown))
+        attach_lora(unet, (), read_lora(unknown))
     assert not any(module._forward_hooks for module in unet.modules())  # a refused LoRA leaves no hook behind
 
 

@@ -16,7 +16,6 @@ from hgdpo.inference.generate import GenerateJob, run_generate_job
 from hgdpo.inference.sampling import ImageGenerator, SamplingConfig, seed_noise
 from hgdpo.models.lora import add_lora
 from hgdpo.training.config import TrainConfig
-from hgdpo.training.latent_cache import encode_prompts
 from hgdpo.training.validation import validation_images
 
 PROMPT = "a woman singing on the stage"
@@ -103,9 +102,8 @@ def test_the_trainers_validation_regenerates_it(pool, sampling, tiny_components)
     unet = copy.deepcopy(tiny_components.unet)
     add_lora(unet, rank=4, alpha=4.0)
     with torch.no_grad():
-        text = encode_prompts([record["prompt"]], tiny_components.tokenizer, tiny_components.text_encoder)
-        negative = encode_prompts([settings["negative_prompt"]], tiny_components.tokenizer,
-                                  tiny_components.text_encoder)
+        text = tiny_components.encode_prompts([record["prompt"]])
+        negative = tiny_components.encode_prompts([settings["negative_prompt"]])
     rows = validation_images(config, tiny_components, unet.eval(), text, negative)
     assert [len(row) for row in rows] == [1, 1]
     for row in rows:

@@ -21,7 +21,8 @@ from torch import nn
 
 from extension import best_of, install_plan, lora_files, webui_harness, webui_lockstep
 from extension import settings as hs
-from hgdpo.models.lora_runtime import FollowingLoRA, clip_text_kohya_names
+from hgdpo.models.ldm_names import clip_text_kohya_names
+from hgdpo.models.lora_runtime import FollowingLoRA
 from hgdpo.inference.infotext import (
     BEST_OF_KEY,
     LAN_KEY,
@@ -34,7 +35,8 @@ from hgdpo.inference.infotext import (
 )
 from hgdpo.inference.lan import latent_adaptive_normalization
 from hgdpo.models.ldm_names import diffusers_to_ldm_prefixes, ldm_to_diffusers_names, ldm_unet_kohya_names
-from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAArchitectureError, kohya_module_names, read_lora
+from hgdpo.models.families import SD15
+from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAArchitectureError, read_lora, unet_kohya_modules
 from hgdpo.feedback.scorers import FunctionScorer, ScorerWeightsError
 from tests import sd15_factory
 
@@ -343,7 +345,7 @@ def test_status_summaries_are_read_once_per_file_version(tmp_path, lora_folder):
     entries = lora_files.list_loras(folder)
     first = lora_files.summaries(entries)
     assert [(item.problem is None, bool(item.hash)) for item in first] == [(True, True), (False, True), (False, True)]
-    assert "SDXL" in first[2].problem and "no UNet weights" in first[1].problem
+    assert "no UNet weights" in first[2].problem and "no UNet weights" in first[1].problem  # SDXL files are read too
     again = lora_files.summaries(entries)
     assert all(a is b for a, b in zip(first, again))  # nothing read again
     path = folder / "people" / "hgdpo_v1.safetensors"
@@ -360,7 +362,7 @@ def test_load_caches_and_refuses_other_architectures(lora_folder):
     lora = lora_files.load(path)
     assert lora is lora_files.load(path) and lora.unet
     assert lora_files.hgdpo_metadata(lora) == {"loss": "hgdpo"}
-    with pytest.raises(LoRAArchitectureError, match="SDXL"):
+    with pytest.raises(LoRAArchitectureError, match="no UNet weights"):  # an SDXL file is read, then judged
         lora_files.load(lora_folder / "xl_style.safetensors")
     with pytest.raises(LoRAArchitectureError, match="no UNet weights"):
         lora_files.load(lora_folder / "te_only.safetensors")
@@ -506,7 +508,7 @@ def test_ldm_names_match_the_single_file_converter():
 def test_kohya_names_of_an_ldm_unet_are_the_diffusers_layers():
     unet = _tiny_unet()
     on_ldm = ldm_unet_kohya_names(_ldm_tree(unet))
-    on_diffusers = kohya_module_names(unet)
+    on_diffusers = unet_kohya_modules(unet, SD15)
     # every Linear/Conv2d layer the single-file format has is found, under the name kohya gives it
     assert set(on_ldm) == {key.replace(".", "_") for key in _ldm_pairs(unet).values()} & set(on_diffusers)
     assert all(on_ldm[name] is on_diffusers[name] for name in on_ldm)
@@ -522,7 +524,7 @@ def test_following_lora_matches_functional_lora_and_follows_dtype(tmp_path):
     unet = _tiny_unet()
     path = sd15_factory.save_random_lora(unet, tmp_path / "l.safetensors", rank=4)
     lora = read_lora(path)
-    modules = kohya_module_names(unet)
+    modules = unet_kohya_modules(unet, SD15)
     sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
     run = lambda m, s=sample, c=context: m(s, torch.tensor([500, 500]), c, return_dict=False)[0]

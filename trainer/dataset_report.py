@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--output-dir {arguments.output_dir} is a file; give a folder.")
         components = None
         if arguments.model:
-            from hgdpo.models.loading import load_sd15
+            from hgdpo.models.loading import load_model
 
-            components = load_sd15(arguments.model, config_dir=arguments.model_config_dir)
+            components = load_model(arguments.model, config_dir=arguments.model_config_dir)
         report = write_report(arguments.dataset, arguments.output_dir, components, arguments.max_pairs,
                               batch_size=arguments.batch_size, resolution=arguments.resolution,
                               max_latent_items=arguments.max_latent_items, device=arguments.device)

@@ -39,9 +39,17 @@ from PIL import Image
 from hgdpo.feedback.scorers import SCORER_HELP, SCORER_MODEL_HELP, SCORER_PROCESSOR_HELP, load_named_scorer
 from hgdpo.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from hgdpo.inference.sampling import ImageGenerator, SamplingConfig
-from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
-from hgdpo.options import SEED_LIMITS, check_fields, check_value, option
-from hgdpo.options import parse_resolution
+from hgdpo.models.loading import (
+    CONFIG_DIR_HELP,
+    DEVICE_HELP,
+    DTYPE_CHOICES,
+    DTYPE_HELP,
+    ModelOptions,
+    family_size,
+    peek_family,
+    resolve_dtype,
+)
+from hgdpo.options import SEED_LIMITS, check_fields, check_value, nested, option, parse_resolution
 
 __all__ = [
     "BuildConfig",
@@ -79,15 +87,17 @@ class BuildConfig:
     """Settings of a dataset build (``trainer/build_dataset.py`` flags); the defaults are the paper's where it
     gives one."""
 
-    model: str = option(help="SD1.5-family model: single-file checkpoint (.safetensors/.ckpt), diffusers folder "
-                             "or hub id.")
+    model: str = option(help="SD1.5- or SDXL-family model (SDXL, Pony, Illustrious, NoobAI ...): single-file "
+                             "checkpoint (.safetensors/.ckpt), diffusers folder or hub id.")
     prompts: str = option(help="Prompt file: .txt (one per line), .tsv/.csv (with a header) or .jsonl.")
     output_dir: str = option(help="Dataset folder (created; re-run the same command to resume).")
     pool_size: int = option(20, "Images generated per prompt, N (paper: 20).", at_least=2, at_most=10_000)
     scorer: str = option("pickscore", SCORER_HELP)
     scorer_model: str | None = option(None, SCORER_MODEL_HELP)
     scorer_processor: str | None = option(None, SCORER_PROCESSOR_HELP)
-    resolution: str = option("512", "Image size: N for NxN or WxH, multiples of 8.")
+    resolution: str = option("auto", "Image size: N for NxN or WxH, multiples of 8 (auto: the model family's, "
+                                     "SD1.5 512, SDXL 1024; SDXL models also draw well at their buckets, e.g. "
+                                     "832x1216).")
     steps: int = option(50, "DPM-Solver++ sampling steps (paper: 50).", at_least=1, at_most=1000)
     guidance_scale: float = option(5.0, "Classifier-free guidance scale (paper: 5.0).", at_least=0, flag="--cfg")
     negative_prompt: str = option("", "Negative prompt for guidance (empty: the unconditional prompt).")
@@ -107,6 +117,7 @@ class BuildConfig:
     export_pickapic: str | None = option(None, "Also write the dataset as a Pick-a-Pic v2 style .parquet file at "
                                                "PATH.", metavar="PATH")
     model_config_dir: str | None = option(None, CONFIG_DIR_HELP)
+    model_options: ModelOptions = nested(ModelOptions)
     device: str | None = option(None, DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP, DTYPE_CHOICES)
     image_format: str = option("png", "Format of the image files.", ("png", "jpeg"))
@@ -248,7 +259,10 @@ def _settings(config: BuildConfig, prompts: Sequence[str], scorer_name: str) -> 
         raw = prompt.encode("utf-8")
         digest.update(len(raw).to_bytes(8, "little") + raw)
     width, height = config.size
+    forced = {name: value for name, value in vars(config.model_options).items()
+              if name != "any_resolution" and value != "auto"}  # absent when auto: older builds resume
     return {
+        **forced,
         "model": config.model,
         "prompts_sha256": digest.hexdigest(),
         "num_prompts": len(prompts),
@@ -412,13 +426,25 @@ def _build_prompt(generator: PoolGenerator, scorer: Scorer, config: BuildConfig,
     atomic_write_text(_record_path(out, i), json.dumps(record, indent=1) + "\n")
 
 
+def _resolve_size(config: BuildConfig, components):
+    """Check the resolution against the model's family and turn ``auto`` into its default, from the file's header
+    when that tells the family (else from the loaded model, which is then returned)."""
+    family = components.family if components is not None else peek_family(config.model)
+    if family is None:  # a hub id or a pickle: only the weights tell
+        components = config.model_options.load(config.model, config.model_config_dir, config.size)
+        family = components.family
+    config.model_options.check_size(family, config.size)
+    config.resolution = "x".join(map(str, family_size(config.size, family)))
+    return components
+
+
 def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_progress: bool = True) -> BuildResult:
     """Generate, score and select; write the triplet dataset to ``config.output_dir`` (resumable).
 
     Args:
         config: the build settings.
         scorer: the scorer object (``name``, ``score(prompts, images)``).
-        components: already loaded :class:`~hgdpo.models.loading.SD15Components` (default: ``load_sd15(config.model)``).
+        components: an already loaded model (default: ``config.model_options.load(config.model)``).
         show_progress: a tqdm bar in images on the main process.
 
     Raises:
@@ -438,6 +464,7 @@ def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_
     if not prompts:
         raise ValueError(f"{config.prompts}: no prompts (dropped {prompt_list.dropped_empty} empty, "
                          f"{prompt_list.dropped_duplicates} duplicates)")
+    components = _resolve_size(config, components)
     scorer_name = str(getattr(scorer, "name", type(scorer).__name__))
     settings = _settings(config, prompts, scorer_name)
     digest = _settings_digest(settings)
@@ -470,9 +497,7 @@ def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_
 
     if pending:
         if components is None:
-            from hgdpo.models.loading import load_sd15
-
-            components = load_sd15(config.model, config_dir=config.model_config_dir)
+            components = config.model_options.load(config.model, config.model_config_dir, config.size)
         device = torch.device(config.device) if config.device else state.device
         generator = PoolGenerator(components, config, device, resolve_dtype(config.dtype, device))
         progress = tqdm(total=len(pending) * config.pool_size, desc=f"building (rank {rank})" if world > 1 else

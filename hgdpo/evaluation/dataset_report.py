@@ -247,7 +247,7 @@ def write_report(dataset_path: str | Path, output_dir: str | Path, components=No
     Args:
         dataset_path: anything :func:`hgdpo.data.readers.open_preference_dataset` opens.
         output_dir: the report folder (created).
-        components: a loaded SD1.5 model (:func:`hgdpo.models.loading.load_sd15`); without it the latent statistics
+        components: a loaded model (:func:`hgdpo.models.loading.load_model`); without it the latent statistics
             (paper Fig. 5b) are skipped with a note.
         max_pairs: pairs shown on the contact sheets.
         batch_size: images per VAE batch.

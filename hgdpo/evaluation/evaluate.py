@@ -216,7 +216,8 @@ class EvaluationOptions:
     guidance_scale: float = same_as(SamplingConfig, "guidance_scale")
     sampler: str = same_as(SamplingConfig, "sampler")
     schedule: str = same_as(SamplingConfig, "schedule")
-    resolution: str = option("512", "Image size: N for NxN or WxH, multiples of 8.")
+    resolution: str = option("auto", "Image size: N for NxN or WxH, multiples of 8 (auto: the model family's, "
+                                     "SD1.5 512, SDXL 1024).")
     negative_prompt: str = same_as(SamplingConfig, "negative_prompt")
     batch_size: int = same_as(EvaluationConfig, "batch_size")
     grid_pairs: int = same_as(EvaluationConfig, "grid_pairs")
@@ -224,7 +225,7 @@ class EvaluationOptions:
     resamples: int = same_as(EvaluationConfig, "resamples")
     model_config_dir: str | None = same_as(EvaluationConfig, "model_config_dir",
                                            help="Diffusers-layout config folder for single-file models (default: "
-                                                "the bundled SD1.5 configs).")
+                                                "the bundled configs of their family).")
     device: str | None = same_as(EvaluationConfig, "device")
     dtype: str = same_as(EvaluationConfig, "dtype")
 
@@ -236,11 +237,13 @@ class EvaluationOptions:
 
     def to_config(self) -> EvaluationConfig:
         """The :class:`EvaluationConfig` the options describe (the prompt file read, metric sources matched)."""
-        from hgdpo.prompts import read_prompts
+        from hgdpo.models.loading import family_size, peek_family
         from hgdpo.options import parse_resolution
+        from hgdpo.prompts import read_prompts
 
         check_fields(self)
-        width, height = parse_resolution(self.resolution)
+        size, family = parse_resolution(self.resolution), peek_family(self.baseline)
+        width, height = family_size(size, family) if family is not None else size or (None, None)
         category = default_category(self.prompts, self.category)
         prompts = read_prompts(self.prompts, column=self.prompt_column, category=category).prompts
         if self.max_prompts is not None:
@@ -370,10 +373,10 @@ class ImageCache:
 def load_generator(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                    model_config_dir: str | None = None) -> ImageGenerator:
     """An :class:`~hgdpo.inference.sampling.ImageGenerator` for ``spec`` (the model plus its LoRA, if any)."""
-    from hgdpo.models.loading import load_sd15
     from hgdpo.inference.sampling import ImageGenerator
+    from hgdpo.models.loading import load_model
 
-    return ImageGenerator(load_sd15(spec.model, config_dir=model_config_dir), lora=spec.lora, device=device,
+    return ImageGenerator(load_model(spec.model, config_dir=model_config_dir), lora=spec.lora, device=device,
                           dtype=dtype)
 
 
@@ -406,7 +409,7 @@ def generate_missing(spec: ModelSpec, cache: ImageCache, pairs: Sequence[tuple[s
     if not missing:
         return 0
     generator = make_generator(spec)
-    config = spec.sampling(sampling)
+    config = spec.sampling(sampling).for_family(generator.family)
     with tqdm(total=len(missing), desc=f"generating ({spec.label})", disable=not show_progress) as progress:
         for start in range(0, len(missing), batch_size):
             batch = missing[start:start + batch_size]

@@ -13,7 +13,16 @@ import torch
 from hgdpo.inference import infotext
 from hgdpo.feedback.scorers import SCORER_HELP, SCORER_MODEL_HELP, SCORER_PROCESSOR_HELP, load_named_scorer
 from hgdpo.inference.sampling import ImageGenerator, SamplingConfig, best_of_n
-from hgdpo.models.loading import CONFIG_DIR_HELP, DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, load_sd15, resolve_dtype
+from hgdpo.models.loading import (
+    CONFIG_DIR_HELP,
+    DEVICE_HELP,
+    DTYPE_CHOICES,
+    DTYPE_HELP,
+    ModelOptions,
+    peek_family,
+    resolve_dtype,
+)
+from hgdpo.models.lora_runtime import read_lora
 from hgdpo.options import SEED_LIMITS, check_fields, nested, option
 
 if TYPE_CHECKING:
@@ -30,8 +39,8 @@ COUNT_LIMITS = {"at_least": 1, "at_most": 10_000}
 class GenerateJob:
     """What to generate and where: the ``trainer/sample.py`` flags (``--help`` documents each field)."""
 
-    model: str = option(help="SD1.5-family model (the SFT model): single-file .safetensors/.ckpt, diffusers folder "
-                             "or hub id.")
+    model: str = option(help="SD1.5- or SDXL-family model (the SFT model): single-file .safetensors/.ckpt, "
+                             "diffusers folder or hub id.")
     prompt: list[str] = option([], "A prompt (repeatable; same as a positional PROMPT).", repeat=True)
     prompts: str | None = option(None, "Prompt file: .txt (one per line), .tsv/.csv (with a header) or .jsonl.")
     category: str | None = option(None, "Keep only rows of this Category of a .tsv/.csv (e.g. People).")
@@ -55,6 +64,7 @@ class GenerateJob:
     scorer_model: str | None = option(None, SCORER_MODEL_HELP)
     scorer_processor: str | None = option(None, SCORER_PROCESSOR_HELP)
     model_config_dir: str | None = option(None, CONFIG_DIR_HELP)
+    model_options: ModelOptions = nested(ModelOptions)
     device: str | None = option(None, DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP, DTYPE_CHOICES)
 
@@ -128,8 +138,11 @@ def _load_generator(job: GenerateJob) -> ImageGenerator:
     from accelerate import PartialState
 
     device = torch.device(job.device) if job.device else PartialState().device
-    sft = load_sd15(job.model, config_dir=job.model_config_dir)
-    dpo = load_sd15(job.dpo_model, config_dir=job.model_config_dir) if job.dpo_model else None
+    family = peek_family(job.model)
+    if job.lora and family is not None:
+        read_lora(job.lora, family)  # a LoRA of the other family is refused before any weights load
+    sft = job.model_options.load(job.model, job.model_config_dir, job.config.size)
+    dpo = job.model_options.load(job.dpo_model, job.model_config_dir, job.config.size) if job.dpo_model else None
     return ImageGenerator(sft, lora=job.lora, dpo_components=dpo, device=device,
                           dtype=resolve_dtype(job.dtype, device))
 
@@ -146,6 +159,7 @@ def run_generate_job(job: GenerateJob, show_progress: bool = True) -> list[Path]
 
     job.validate()
     generator = _load_generator(job)
+    job = replace(job, config=job.config.for_family(generator.family))  # the family's size when none was given
     if generator.lora is not None:
         from hgdpo.models.lora_runtime import describe
 

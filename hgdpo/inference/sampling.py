@@ -4,7 +4,7 @@ This is the toolkit's one generation path: the dataset builder, ``trainer/sample
 and the trainer's validation images all draw noise with :func:`seed_noise`, sample with
 :func:`sample_latents` and decode with :func:`decode_images`, so a recorded seed regenerates its image.
 
-    generator = ImageGenerator(load_sd15("model.safetensors"), lora="hgdpo.safetensors")
+    generator = ImageGenerator(load_model("model.safetensors"), lora="hgdpo.safetensors")  # SD1.5 or SDXL
     output = generator.generate(["a woman singing on the stage"], seeds=[7],
                                 config=SamplingConfig(lora_weight=0.5, lan_strength=1.0))
     output.images[0].save("out.png")
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from hgdpo.inference.lan import normalize_stacked
-from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAFile, attach_lora, read_lora
+from hgdpo.models.families import Conditioning, ModelFamily, ModelFamilyError, cat_conditioning
+from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAFile, attach_lora, read_lora, refuse_family_mismatch
 from hgdpo.options import check_fields, option
 
 if TYPE_CHECKING:
@@ -67,8 +68,10 @@ class SamplingConfig:
     sampler: str = option("dpmpp_2m", "Sampler (diffusers scheduler; paper: DPM-Solver++, dpmpp_2m).",
                           tuple(SAMPLERS))
     schedule: str = option("normal", "Noise schedule (karras: Karras sigmas).", SCHEDULES)
-    width: int = option(512, "Image width, a multiple of 8.", at_least=8, at_most=8192)
-    height: int = option(512, "Image height, a multiple of 8.", at_least=8, at_most=8192)
+    width: int | None = option(None, "Image width, a multiple of 8 (default: the model family's, SD1.5 512, "
+                                     "SDXL 1024).", at_least=8, at_most=8192)
+    height: int | None = option(None, "Image height, a multiple of 8 (default: the model family's).", at_least=8,
+                                at_most=8192)
     negative_prompt: str = option("", "Negative prompt for guidance.")
     lora_weight: float = option(0.5, "LoRA weight (paper: 0.5).", at_least=-10, at_most=10)
     lan_strength: float = option(
@@ -82,8 +85,18 @@ class SamplingConfig:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
         check_fields(self)
-        if self.width % 8 or self.height % 8:
+        if (self.width or 8) % 8 or (self.height or 8) % 8:
             raise ValueError(f"Width and height must be positive multiples of 8, got {self.width}x{self.height}.")
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(width, height), or None while either is left to the model family."""
+        return (self.width, self.height) if self.width and self.height else None
+
+    def for_family(self, family: ModelFamily) -> SamplingConfig:
+        """These settings with a missing width or height set to the family's default resolution."""
+        return replace(self, width=self.width or family.default_resolution,
+                       height=self.height or family.default_resolution)
 
     @property
     def sampler_label(self) -> str:
@@ -188,16 +201,18 @@ def decode_images(vae, latents: torch.Tensor) -> list[Image]:
 class GuidedUNet:
     """Classifier-free guidance (Ho & Salimans): one UNet forward over ``[uncond; cond]`` rows.
 
-    The UNet runs in the embeddings' dtype; the guided output comes back in the latents' dtype (the
-    sampler's float32). ``unet`` is any callable with the diffusers UNet's signature. ``lora_scale`` is written to ``lora.scale`` before the forward; a per-sample tensor (one entry per
-    latent row) is repeated for the unconditional and conditional halves.
+    The UNet runs in the conditioning's dtype; the guided output comes back in the latents' dtype (the
+    sampler's float32). ``unet`` is any callable with the diffusers UNet's signature; the conditioning
+    (:class:`~hgdpo.models.families.Conditioning`) carries SDXL's added inputs too. ``lora_scale`` is written to
+    ``lora.scale`` before the forward; a per-sample tensor (one entry per latent row) is repeated for the
+    unconditional and conditional halves.
     """
 
-    def __init__(self, unet, positive: torch.Tensor, negative: torch.Tensor | None, guidance_scale: float,
+    def __init__(self, unet, positive: Conditioning, negative: Conditioning | None, guidance_scale: float,
                  lora: FunctionalLoRA | None = None, lora_scale: float | torch.Tensor = 0.0) -> None:
         self.unet = unet
         self.guided = negative is not None and guidance_scale > 1.0
-        self.embeddings = torch.cat([negative, positive]) if self.guided else positive
+        self.conditioning = cat_conditioning([negative, positive]) if self.guided else positive
         self.guidance_scale = guidance_scale
         self.lora = lora
         if isinstance(lora_scale, torch.Tensor) and self.guided:
@@ -207,8 +222,8 @@ class GuidedUNet:
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         if self.lora is not None:
             self.lora.scale = self.lora_scale
-        model_input = (torch.cat([latents, latents]) if self.guided else latents).to(self.embeddings.dtype)
-        output = self.unet(model_input, timestep, encoder_hidden_states=self.embeddings, return_dict=False)[0]
+        model_input = (torch.cat([latents, latents]) if self.guided else latents).to(self.conditioning.dtype)
+        output = self.unet(model_input, timestep, **self.conditioning.unet_kwargs(), return_dict=False)[0]
         output = output.to(latents.dtype)
         if not self.guided:
             return output
@@ -239,7 +254,7 @@ class GenerationOutput:
 
 
 class ImageGenerator:
-    """Generates with an SD1.5 model, an optional HG-DPO LoRA and optional LAN (see the module doc).
+    """Generates with an SD1.5- or SDXL-family model, an optional HG-DPO LoRA and optional LAN (see the module doc).
 
     Args:
         components: the SFT model (the base the LoRA was trained on).
@@ -255,41 +270,44 @@ class ImageGenerator:
         self.dtype = dtype
         self.sft = components
         self.dpo = dpo_components or components
+        self.family = components.family
+        if self.dpo.family is not self.family:
+            raise ModelFamilyError(
+                f"The SFT model is {self.family.label} and the DPO model {self.dpo.family.label}: LAN and the "
+                "LoRA need both of one family (one latent space). Pass the DPO model of the SFT model's family.")
         for model in {id(part): part for part in (components, self.dpo)}.values():
-            for module in (model.unet, model.vae, model.text_encoder):
-                module.to(self.device)
-                if module.dtype != dtype:
-                    module.to(dtype=dtype)
+            for module in (model.unet, *model.text_encoder_modules):
+                module.to(self.device, dtype)
+            model.vae.to(self.device, self.family.vae_dtype(dtype))
         if dpo_components is not None and dpo_components.unet.config.in_channels != components.unet.config.in_channels:
             raise ValueError("The SFT and DPO models have different latent channels; LAN needs one latent space.")
-        self.lora = read_lora(lora) if isinstance(lora, (str, Path)) else lora
+        self.lora = read_lora(lora, self.family) if isinstance(lora, (str, Path)) else lora
         self.unet_lora: FunctionalLoRA | None = None
         self.text_lora: FunctionalLoRA | None = None
         if self.lora is not None:
-            self.unet_lora, self.text_lora = attach_lora(self.dpo.unet, self.dpo.text_encoder, self.lora, scale=0.0)
-        self._pipelines = {}
+            refuse_family_mismatch(self.lora.family, self.family, self.lora.path or "The LoRA")
+            self.unet_lora, self.text_lora = attach_lora(self.dpo.unet, self.dpo.text_encoder_modules, self.lora,
+                                                         scale=0.0)
 
     @property
     def shares_weights(self) -> bool:
         """True when the DPO model is the SFT model plus the LoRA (the one-UNet fast path applies)."""
         return self.dpo is self.sft
 
-    def _pipeline(self, model: SD15Components):
-        if id(model) not in self._pipelines:
-            self._pipelines[id(model)] = model.pipeline()
-        return self._pipelines[id(model)]
-
     def _encode(self, model: SD15Components, prompts: Sequence[str], config: SamplingConfig,
-                text_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings per row of ``prompts``; each distinct prompt is encoded once (a pool shares one)."""
-        guided = config.guidance_scale > 1.0
+                text_scale: float) -> tuple[Conditioning, Conditioning | None]:
+        """Conditioning per row of ``prompts`` and of the negative prompt; each distinct prompt is encoded once
+        (a pool shares one)."""
         distinct = list(dict.fromkeys(prompts))
-        negative = [config.negative_prompt] * len(distinct) if guided else None
         if self.text_lora is not None and model is self.dpo:
             self.text_lora.scale = text_scale
-        positive, negative_embeds = self._pipeline(model).encode_prompt(distinct, self.device, 1, guided, negative)
+        size = (config.height, config.width)
+        positive = model.encode_prompts(distinct, size).to(self.device, self.dtype)
         rows = torch.tensor([distinct.index(prompt) for prompt in prompts], device=self.device)
-        return positive[rows], negative_embeds[rows] if guided else None
+        if config.guidance_scale <= 1.0:
+            return positive.rows(rows), None
+        negative = model.encode_prompts([config.negative_prompt], size).to(self.device, self.dtype)
+        return positive.rows(rows), negative.rows(torch.zeros_like(rows))
 
     def denoiser(self, prompts: Sequence[str], config: SamplingConfig, lockstep: bool,
                  shared_forward: bool = True) -> Denoiser:
@@ -303,8 +321,8 @@ class ImageGenerator:
         if self.shares_weights and shared_forward:
             count = len(prompts)
             scales = torch.tensor([0.0] * count + [weight] * count, device=self.device, dtype=self.dtype)
-            positive = torch.cat([sft_text[0], dpo_text[0]])
-            negative = None if sft_text[1] is None else torch.cat([sft_text[1], dpo_text[1]])
+            positive = cat_conditioning([sft_text[0], dpo_text[0]])
+            negative = None if sft_text[1] is None else cat_conditioning([sft_text[1], dpo_text[1]])
             return GuidedUNet(self.dpo.unet, positive, negative, config.guidance_scale, self.unet_lora, scales)
         sft_lora = self.unet_lora if self.shares_weights else None
         return LockstepUNets(GuidedUNet(self.sft.unet, *sft_text, config.guidance_scale, sft_lora, 0.0),
@@ -321,7 +339,7 @@ class ImageGenerator:
         without LAN). ``shared_forward=False`` evaluates a shared-weights lockstep batch with two
         forwards instead of one (the reference for the fast path).
         """
-        config = config or SamplingConfig()
+        config = (config or SamplingConfig()).for_family(self.family)
         config.validate()
         if len(prompts) != len(seeds):
             raise ValueError(f"Got {len(prompts)} prompts for {len(seeds)} seeds.")

@@ -20,8 +20,13 @@ from pathlib import Path
 
 import torch
 
-from hgdpo.models.ldm_names import diffusers_to_ldm_name, diffusers_to_ldm_prefixes, layers
-from hgdpo.models.lora_runtime import clip_text_kohya_names
+from hgdpo.models.ldm_names import (
+    clip_text_kohya_names,
+    diffusers_to_ldm_name,
+    diffusers_to_ldm_prefixes,
+    ldm_unet_kohya_names,
+    layers,
+)
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 UNET_PREFIX = "model.diffusion_model."
@@ -78,7 +83,11 @@ class Prediction:
 
 @dataclass
 class Conditioning:
-    """A batch of prompts encoded for the UNet: the cross-attention context, plus SDXL's added inputs."""
+    """A batch of prompts encoded for the UNet: the cross-attention context, plus SDXL's added inputs.
+
+    Row operations (:meth:`rows`, :meth:`repeat`, :func:`cat_conditioning`) act on every tensor alike, so
+    a frontend handles SD1.5's and SDXL's conditioning the same way.
+    """
 
     context: torch.Tensor
     added: dict[str, torch.Tensor] | None = None
@@ -89,6 +98,37 @@ class Conditioning:
         if self.added is not None:
             kwargs["added_cond_kwargs"] = self.added
         return kwargs
+
+    def _map(self, function) -> Conditioning:
+        added = None if self.added is None else {name: function(value) for name, value in self.added.items()}
+        return Conditioning(function(self.context), added)
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.context.dtype
+
+    def to(self, *args, **kwargs) -> Conditioning:
+        """Every tensor moved/cast as ``Tensor.to`` does."""
+        return self._map(lambda tensor: tensor.to(*args, **kwargs))
+
+    def rows(self, index: torch.Tensor | slice) -> Conditioning:
+        """The given rows (an index tensor or a slice)."""
+        return self._map(lambda tensor: tensor[index])
+
+    def repeat(self, times: int) -> Conditioning:
+        """The whole batch ``times`` over, ``[c; c; ...]``."""
+        return self._map(lambda tensor: tensor.repeat(times, *([1] * (tensor.dim() - 1))))
+
+
+def cat_conditioning(parts: Sequence[Conditioning]) -> Conditioning:
+    """The rows of several conditionings of one family, in order."""
+    added = None if parts[0].added is None else {
+        name: torch.cat([part.added[name] for part in parts]) for name in parts[0].added
+    }
+    return Conditioning(torch.cat([part.context for part in parts]), added)
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -113,15 +153,50 @@ class ModelFamily:
     modelspec_architecture: str
     kohya_base_model_version: str
     extra_unet_config: Mapping[str, object] = field(default_factory=dict)
+    vae_fp16_safe: bool = True
+    """False: the VAE overflows in fp16 (SDXL's original VAE) and runs in float32 instead."""
+    pixel_range: tuple[int, int] | None = None
+    """(fewest, most) pixels of an image the family's models are trained for; None: no limit."""
+
+    def encode_text(self, prompts: Sequence[str], tokenizers: Sequence,
+                    text_encoders: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(context, pooled)``: the cross-attention context and the pooled text embedding (None for SD1.x)."""
+        raise NotImplementedError
+
+    def conditioning(self, context: torch.Tensor, pooled: torch.Tensor | None,
+                     size: tuple[int, int] | None = None) -> Conditioning:
+        """The UNet conditioning of encoded text for images of ``size`` = (height, width)."""
+        return Conditioning(context)
 
     def encode_prompts(self, prompts: Sequence[str], tokenizers: Sequence, text_encoders: Sequence,
                        size: tuple[int, int] | None = None) -> Conditioning:
         """The prompts as UNet conditioning, one text encoder per :attr:`text_encoders` slot; ``size`` is
         the image's (height, width) for SDXL's micro-conditioning (default: the family's resolution)."""
-        raise NotImplementedError
+        return self.conditioning(*self.encode_text(prompts, tokenizers, text_encoders), size)
+
+    def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the VAE runs in when the model runs in ``dtype``."""
+        return torch.float32 if dtype == torch.float16 and not self.vae_fp16_safe else dtype
+
+    def resolution_problem(self, width: int, height: int) -> str | None:
+        """Why ``width`` x ``height`` does not suit this family's models, or None when it does."""
+        if width % 8 or height % 8:
+            return f"{width}x{height}: width and height must be multiples of 8."
+        if self.pixel_range is None or self.pixel_range[0] <= width * height <= self.pixel_range[1]:
+            return None
+        nearest = min(self.buckets, key=lambda bucket: abs(bucket[0] / bucket[1] - width / height))
+        return (f"{width}x{height} is far from the {self.label} buckets, which hold about "
+                f"{self.default_resolution}x{self.default_resolution} pixels (for this aspect ratio: "
+                f"{nearest[0]}x{nearest[1]}; all: {', '.join(f'{w}x{h}' for w, h in self.buckets)}). "
+                f"{self.label} models draw badly far from them.")
 
     def kohya_unet_names(self, unet) -> dict[str, str]:
         """``{diffusers module path: kohya LoRA module name}`` for the Linear/Conv2d layers of ``unet``."""
+        raise NotImplementedError
+
+    def ldm_unet_kohya_modules(self, unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """An LDM/SGM-layout UNet's layers (the WebUIs' and ComfyUI's ``diffusion_model``) keyed by this
+        family's kohya names without ``lora_unet_``."""
         raise NotImplementedError
 
     def kohya_text_encoder_layers(self, text_encoders: Sequence[torch.nn.Module]) -> dict[str, torch.nn.Module]:
@@ -143,13 +218,18 @@ class ModelFamily:
 class SD15Family(ModelFamily):
     """Stable Diffusion 1.x: one CLIP ViT-L text encoder, last hidden states as the context."""
 
-    def encode_prompts(self, prompts, tokenizers, text_encoders, size=None) -> Conditioning:
+    def encode_text(self, prompts, tokenizers, text_encoders):
+        """The last hidden states of CLIP ViT-L; no pooled embedding."""
         (tokenizer,), (text_encoder,) = tokenizers, text_encoders
-        return Conditioning(text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device))[0])
+        return text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device))[0], None
 
     def kohya_unet_names(self, unet) -> dict[str, str]:
         """kohya's SD1.x names are diffusers' module paths: ``lora_unet_down_blocks_0_attentions_0_...``."""
         return {name: KOHYA_UNET_PREFIX + name.replace(".", "_") for name in _layer_names(unet)}
+
+    def ldm_unet_kohya_modules(self, unet):
+        """kohya's SD1.x names are diffusers paths: mapped from the LDM ones (:func:`ldm_unet_kohya_names`)."""
+        return ldm_unet_kohya_names(unet)
 
     def matches_unet_config(self, config) -> bool:
         return config.get("addition_embed_type") is None and super().matches_unet_config(config)
@@ -158,17 +238,20 @@ class SD15Family(ModelFamily):
 class SDXLFamily(ModelFamily):
     """SDXL base: CLIP ViT-L + OpenCLIP ViT-bigG (penultimate layers concatenated), pooled bigG, time ids."""
 
-    def encode_prompts(self, prompts, tokenizers, text_encoders, size=None) -> Conditioning:
-        """SDXL Sec. 2.1-2.2: ``context = [h_L^{-2}; h_G^{-2}]``, ``text_embeds`` = projected pooled bigG,
-        ``time_ids = (h, w, 0, 0, h, w)`` (no crop, original size = target size)."""
+    def encode_text(self, prompts, tokenizers, text_encoders):
+        """SDXL Sec. 2.1: ``context = [h_L^{-2}; h_G^{-2}]``, ``pooled`` = the projected pooled bigG embedding."""
         hidden, pooled = [], None
         for tokenizer, text_encoder in zip(tokenizers, text_encoders):
             output = text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
             pooled = output.text_embeds if hasattr(output, "text_embeds") else pooled
-        context = torch.cat(hidden, dim=-1)
+        return torch.cat(hidden, dim=-1), pooled
+
+    def conditioning(self, context, pooled, size=None) -> Conditioning:
+        """SDXL Sec. 2.2: ``text_embeds`` = pooled, ``time_ids = (h, w, 0, 0, h, w)`` (no crop, original size =
+        target size, as for images generated at that size)."""
         height, width = size if size is not None else (self.default_resolution, self.default_resolution)
-        time_ids = micro_conditioning((height, width), (0, 0), (height, width), len(prompts)).to(context)
+        time_ids = micro_conditioning((height, width), (0, 0), (height, width), len(context)).to(context)
         return Conditioning(context, {"text_embeds": pooled, "time_ids": time_ids})
 
     def kohya_unet_names(self, unet) -> dict[str, str]:
@@ -180,6 +263,10 @@ class SDXLFamily(ModelFamily):
             if ldm is not None:
                 names[name] = KOHYA_UNET_PREFIX + ldm.replace(".", "_")
         return names
+
+    def ldm_unet_kohya_modules(self, unet):
+        """kohya's SDXL names are the SGM module paths themselves, dots as underscores."""
+        return {name.replace(".", "_"): module for name, module in layers(unet).items()}
 
 
 def micro_conditioning(original_size: tuple[int, int], crop_top_left: tuple[int, int],
@@ -227,6 +314,8 @@ SDXL = SDXLFamily(
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
     kohya_base_model_version="sdxl_base_v1-0",
     extra_unet_config={"addition_embed_type": "text_time"},
+    vae_fp16_safe=False,
+    pixel_range=(1024 * 1024 // 2, 1024 * 1024 * 2),
 )
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD15, SDXL)}
@@ -339,7 +428,8 @@ def family_of_unet_config(config: Mapping[str, object], source: object,
 
 PREDICTION_HINT = (
     "If this is a v-prediction model whose file lacks the marker (e.g. some NoobAI-XL V-Pred merges), "
-    "force it with prediction_type='v_prediction' (and zero_terminal_snr=True for ZTSNR models)."
+    "force it with --prediction-type v_prediction (and --zero-terminal-snr on for ZTSNR models); in Python, "
+    "load_model(..., prediction_type='v_prediction', zero_terminal_snr=True)."
 )
 
 

@@ -241,3 +241,15 @@ def ldm_unet_kohya_names(unet: nn.Module) -> dict[str, nn.Module]:
     """
     modules = layers(unet)
     return {diffusers.replace(".", "_"): modules[ldm] for ldm, diffusers in ldm_to_diffusers_names(modules).items()}
+
+
+def clip_text_kohya_names(encoder: nn.Module) -> dict[str, nn.Module]:
+    """A transformers ``CLIPTextModel``'s layers keyed as kohya names them (``text_model_encoder_layers_0_...``).
+
+    transformers 5 dropped the ``text_model.`` level of the module paths; kohya's names keep it. Layers of
+    frontend-specific classes (Forge's) are included.
+    """
+    names = {name.replace(".", "_"): module for name, module in layers(encoder).items()}
+    if names and not any(name.startswith("text_model_") for name in names):
+        names = {"text_model_" + name: module for name, module in names.items()}
+    return names

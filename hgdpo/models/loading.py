@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -45,6 +46,7 @@ from hgdpo.models.families import (  # noqa: F401  (ModelFamilyError, detect_che
     family_of_unet_config,
     get_family,
 )
+from hgdpo.options import option
 from hgdpo.safe_load import load_pickle
 
 logger = logging.getLogger(__name__)
@@ -420,6 +422,75 @@ def load_sd15(
         local_files_only: passed to diffusers/transformers for folders and hub ids.
     """
     return load_model(source, family=SD15, config_dir=config_dir, local_files_only=local_files_only)
+
+
+# --------------------------------------------------------------------------- the model options of every command
+
+
+def peek_family(source: str | Path) -> ModelFamily | None:
+    """A model's family read cheaply, before any weights load: a ``.safetensors`` file's header or a diffusers
+    folder's ``unet/config.json`` (None for hub ids and pickles). Refused kinds raise :class:`ModelFamilyError`."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                first_conv = UNET_PREFIX + "input_blocks.0.0.weight"
+                header = {key: None for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+                if first_conv in header:
+                    header[first_conv] = SimpleNamespace(shape=handle.get_slice(first_conv).get_shape())
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path} is not a readable .safetensors file ({error}).") from error
+        return family_of_checkpoint(detect_checkpoint_family(header), path)
+    config = path / "unet" / "config.json"
+    if path.is_dir() and config.is_file():
+        return family_of_unet_config(json.loads(config.read_text()), path)
+    return None
+
+
+TRISTATE = {"auto": None, "on": True, "off": False}
+
+
+@dataclass
+class ModelOptions:
+    """How to read the model: the prediction type and the resolution check, shared by every command."""
+
+    prediction_type: str = option(
+        "auto", "What the UNet predicts: auto (as the model declares; single files without a marker: epsilon), "
+                "epsilon, or v_prediction (force it for a v-pred file without its marker, e.g. some NoobAI-XL "
+                "V-Pred merges).", ("auto", "epsilon", "v_prediction"))
+    zero_terminal_snr: str = option(
+        "auto", "Zero-terminal-SNR noise schedule: auto (as declared), on (v-pred ZTSNR models such as NoobAI-XL "
+                "V-Pred) or off.", tuple(TRISTATE))
+    any_resolution: bool = option(
+        False, "Allow a resolution far from the model family's buckets (SDXL: about 1024x1024 pixels).")
+
+    def check_size(self, family: ModelFamily, size: tuple[int, int] | None) -> None:
+        """Refuse a (width, height) that does not suit ``family`` (unless ``any_resolution``)."""
+        problem = family.resolution_problem(*size) if size is not None else None
+        if problem and not (self.any_resolution and size[0] % 8 == 0 and size[1] % 8 == 0):
+            raise ValueError(f"{problem} Pass --resolution (or --width/--height) of a bucket, or --any-resolution "
+                             "to use this size anyway.")
+
+    def load(self, source: str | Path, config_dir: str | Path | None = None,
+             size: tuple[int, int] | None = None) -> SD15Components:
+        """:func:`load_model` with these options; ``size`` is checked against the family before and after loading."""
+        family = peek_family(source)
+        if family is not None:
+            self.check_size(family, size)
+        components = load_model(
+            source, config_dir=config_dir,
+            prediction_type=None if self.prediction_type == "auto" else self.prediction_type,
+            zero_terminal_snr=TRISTATE[self.zero_terminal_snr],
+        )
+        self.check_size(components.family, size)
+        return components
+
+
+def family_size(resolution: tuple[int, int] | None, family: ModelFamily) -> tuple[int, int]:
+    """``resolution`` (width, height), or the family's default square when it is None ("auto")."""
+    return resolution if resolution is not None else (family.default_resolution, family.default_resolution)
 
 
 # --------------------------------------------------------------------------- identity

@@ -1,7 +1,8 @@
 """Applying a LoRA file at inference: read, check the architecture, add it functionally.
 
-:func:`read_lora` reads kohya SD1.x LoRAs (what ``trainer/train.py`` writes, what Civitai shares)
-and the peft/diffusers layouts into one form keyed by kohya module names. :class:`FunctionalLoRA`
+:func:`read_lora` reads kohya SD1.x and SDXL LoRAs (what ``trainer/train.py`` writes, what Civitai shares)
+and the peft/diffusers layouts into one form keyed by kohya module names, and names the family it was made
+for (:func:`detect_lora_family`; a LoRA of the other family is refused by :func:`refuse_family_mismatch`). :class:`FunctionalLoRA`
 adds ``scale * (alpha / rank) * up(down(x))`` to a module's output through a forward hook instead of
 merging it into the weights, so
 
@@ -24,7 +25,7 @@ which compute where they are stored) attaches a plain :class:`FunctionalLoRA`.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,23 +33,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hgdpo.models.families import FAMILIES, SD15, SDXL, ModelFamily
 from hgdpo.models.ldm_names import layers
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
+_KOHYA_PREFIXES = (UNET_PREFIX, TEXT_ENCODER_PREFIX, "lora_te1_", "lora_te2_")
 _KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 _PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
                   ".lora.up.weight": "up", ".alpha": "alpha"}
-_PEFT_PREFIXES = {"unet.": UNET_PREFIX, "text_encoder.": TEXT_ENCODER_PREFIX}
 _UNSUPPORTED_MARKERS = {
     "hada_w1_a": "LyCORIS LoHa", "lokr_w1": "LyCORIS LoKr", "dora_scale": "DoRA",
     "lora_mid": "LoCon with CP decomposition",
     "oft_blocks": "OFT", "diff_b": "full weight difference",
 }
-_FOREIGN_PREFIXES = {"lora_te1_": "SDXL", "lora_te2_": "SDXL", "lora_te3_": "SD3",
-                     "lora_transformer_": "a DiT model (SD3/Flux)",
+_FOREIGN_PREFIXES = {"lora_te3_": "SD3", "lora_transformer_": "a DiT model (SD3/Flux)",
                      "transformer.": "a DiT model (SD3/Flux)", "diffusion_model.double_blocks": "Flux"}
-_CROSS_ATTENTION_FAMILIES = {1024: "SD2.x", 2048: "SDXL", 1280: "SDXL (refiner)"}
+_CROSS_ATTENTION_WIDTHS = {768: SD15, 2048: SDXL, 1024: "SD2.x", 1280: "the SDXL refiner"}
+"""The families (or refused architectures) a LoRA's cross-attention key/value input width reveals."""
+_SGM_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 FP8_DTYPES = frozenset(
     getattr(torch, name)
     for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -86,6 +89,7 @@ class LoRAFile:
     modules: dict[str, LoRAModule]
     metadata: dict[str, str] = field(default_factory=dict)
     path: str = ""
+    family: ModelFamily = SD15
 
     def part(self, prefix: str) -> dict[str, LoRAModule]:
         """The modules of one model part, keyed without the prefix."""
@@ -96,39 +100,81 @@ class LoRAFile:
         return self.part(UNET_PREFIX)
 
     @property
+    def text_encoders(self) -> list[dict[str, LoRAModule]]:
+        """The modules of each of the family's text encoders (SD1.x: ``lora_te_``; SDXL: ``lora_te1_``, ``lora_te2_``)."""
+        return [self.part(slot.lora_prefix) for slot in self.family.text_encoders]
+
+    @property
     def text_encoder(self) -> dict[str, LoRAModule]:
-        return self.part(TEXT_ENCODER_PREFIX)
+        """Every text-encoder module, keyed with its kohya prefix (``lora_te_...``, ``lora_te2_...``)."""
+        return {name: module for name, module in self.modules.items() if not name.startswith(UNET_PREFIX)}
 
 
-def _architecture_from_metadata(metadata: Mapping[str, str]) -> str | None:
-    """The base architecture a LoRA's metadata names, when it names one other than SD1.x."""
+def _metadata_family(metadata: Mapping[str, str]) -> ModelFamily | str | None:
+    """The family a LoRA's metadata names (``modelspec.architecture``, kohya's ``ss_base_model_version``),
+    the name of an unsupported architecture, or None when the metadata names none."""
     architecture = metadata.get("modelspec.architecture", "")
-    if architecture and not architecture.startswith("stable-diffusion-v1"):
-        return architecture
     version = metadata.get("ss_base_model_version", "")
-    if version and not version.startswith("sd_v1"):
-        return version
-    if metadata.get("ss_v2") == "True":
+    for family in FAMILIES.values():
+        if architecture.startswith(family.modelspec_architecture.split("/")[0] + "/") or (
+            not architecture and version.startswith(family.kohya_base_model_version)
+        ):
+            return family
+    if metadata.get("ss_v2") == "True" and not architecture:
         return "SD2.x (ss_v2)"
+    return architecture or version or None
+
+
+def _width_family(state_dict: Mapping[str, torch.Tensor]) -> ModelFamily | str | None:
+    """The family the cross-attention key projection's input width names (768: SD1.x, 2048: SDXL ...)."""
+    downs = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
+    for key, tensor in state_dict.items():
+        if "attn2" in key and "to_k" in key and key.endswith(downs) and tensor.dim() >= 2:
+            return _CROSS_ATTENTION_WIDTHS.get(tensor.shape[1])
     return None
 
 
-def _module_key(key: str) -> tuple[str, str] | None:
+def _names_family(state_dict: Mapping[str, torch.Tensor]) -> ModelFamily:
+    """SDXL when the keys use its names (``lora_te1_``/``lora_te2_``, SGM UNet blocks, ``text_encoder_2.``)."""
+    sdxl = ("lora_te1_", "lora_te2_", "text_encoder_2.", *_SGM_BLOCKS)
+    return SDXL if any(key.startswith(sdxl) for key in state_dict) else SD15
+
+
+def detect_lora_family(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                       label: str = "The LoRA") -> ModelFamily:
+    """The model family a LoRA was made for: from its metadata, else the cross-attention width, else its names.
+
+    Other architectures (SD2.x, the SDXL refiner, SD3, Flux ...) raise :class:`LoRAArchitectureError`.
+    """
+    found = _metadata_family(metadata or {}) or _width_family(state_dict) or _names_family(state_dict)
+    if isinstance(found, str):
+        supported = " or ".join(family.label for family in FAMILIES.values())
+        raise LoRAArchitectureError(f"{label} was made for {found}, not for an {supported}-family model.")
+    return found
+
+
+def _peft_prefixes(family: ModelFamily) -> dict[str, str]:
+    """diffusers/peft key prefixes and the kohya prefix of the same part (``text_encoder_2.`` -> ``lora_te2_``)."""
+    prefixes = {"unet.": UNET_PREFIX, **{slot.subfolder + ".": slot.lora_prefix for slot in family.text_encoders}}
+    return dict(sorted(prefixes.items(), key=lambda item: -len(item[0])))  # text_encoder_2. before text_encoder.
+
+
+def _module_key(key: str, peft_prefixes: Mapping[str, str]) -> tuple[str, str] | None:
     """(kohya module name, part) of a tensor key, or None for a key that is not a LoRA weight."""
-    if key.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX)):
+    if key.startswith(_KOHYA_PREFIXES):
         for suffix, part in _KOHYA_SUFFIXES.items():
             if key.endswith(suffix):
                 return key[: -len(suffix)], part
         return None
     for suffix, part in _PEFT_SUFFIXES.items():
         if key.endswith(suffix):
-            name = _peft_to_kohya_name(key[: -len(suffix)])
+            name = _peft_to_kohya_name(key[: -len(suffix)], peft_prefixes)
             return None if name is None else (name, part)
     return None
 
 
-def _peft_to_kohya_name(name: str) -> str | None:
-    for prefix, kohya_prefix in _PEFT_PREFIXES.items():
+def _peft_to_kohya_name(name: str, peft_prefixes: Mapping[str, str]) -> str | None:
+    for prefix, kohya_prefix in peft_prefixes.items():
         if name.startswith(prefix):
             return kohya_prefix + name[len(prefix):].replace(".", "_")
     if "." in name:  # an unprefixed peft state dict of a UNet (hgdpo's training checkpoints)
@@ -136,14 +182,7 @@ def _peft_to_kohya_name(name: str) -> str | None:
     return None
 
 
-def lora_from_state_dict(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                         path: str = "") -> LoRAFile:
-    """Group a LoRA state dict (kohya or peft/diffusers names) into :class:`LoRAModule` s."""
-    metadata = dict(metadata or {})
-    label = path or "The LoRA"
-    architecture = _architecture_from_metadata(metadata)
-    if architecture:
-        raise LoRAArchitectureError(f"{label} was made for {architecture}, not for an SD1.5-family model.")
+def _refuse_unsupported(state_dict: Mapping[str, torch.Tensor], label: str) -> None:
     for key in state_dict:
         for marker, kind in _UNSUPPORTED_MARKERS.items():
             if marker in key:
@@ -151,18 +190,41 @@ def lora_from_state_dict(state_dict: Mapping[str, torch.Tensor], metadata: Mappi
                     f"{label} is a {kind} network ({key!r}); only plain LoRA (down/up) is supported here. "
                     "Load it with your frontend's own LoRA loader instead."
                 )
-        for prefix, family in _FOREIGN_PREFIXES.items():
+        for prefix, architecture in _FOREIGN_PREFIXES.items():
             if key.startswith(prefix):
-                raise LoRAArchitectureError(f"{label} was made for {family} ({key!r}), not for an SD1.5-family model.")
+                raise LoRAArchitectureError(f"{label} was made for {architecture} ({key!r}), not for an SD1.5 "
+                                            "or SDXL model.")
+
+
+def refuse_family_mismatch(lora_family: ModelFamily, model_family: ModelFamily, label: str = "The LoRA") -> None:
+    """One message for a LoRA of one family on a model of the other (every frontend checks this first)."""
+    if lora_family is not model_family:
+        raise LoRAArchitectureError(
+            f"{label} is an {lora_family.label} LoRA, but the model is an {model_family.label} model. Use the "
+            f"{lora_family.label} checkpoint it was trained on, or a LoRA trained for this {model_family.label} model."
+        )
+
+
+def lora_from_state_dict(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                         path: str = "", family: ModelFamily | None = None) -> LoRAFile:
+    """Group a LoRA state dict (kohya or peft/diffusers names) into :class:`LoRAModule` s.
+
+    The LoRA's family is detected (:func:`detect_lora_family`); with ``family`` given, a LoRA of another
+    family is refused (:func:`refuse_family_mismatch`).
+    """
+    metadata = dict(metadata or {})
+    label = path or "The LoRA"
+    _refuse_unsupported(state_dict, label)
+    found = detect_lora_family(state_dict, metadata, label)
+    if family is not None:
+        refuse_family_mismatch(found, family, label)
+    peft_prefixes = _peft_prefixes(found)
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    ignored = []
     for key, tensor in state_dict.items():
-        found = _module_key(key)
-        if found is None:
-            ignored.append(key)
-            continue
-        name, part = found
-        parts.setdefault(name, {})[part] = tensor
+        module_key = _module_key(key, peft_prefixes)
+        if module_key is not None:
+            name, part = module_key
+            parts.setdefault(name, {})[part] = tensor
     if not parts:
         raise LoRAArchitectureError(
             f"{label} holds no LoRA weights (keys such as {list(state_dict)[:3]}); is it a LoRA file?"
@@ -174,11 +236,12 @@ def lora_from_state_dict(state_dict: Mapping[str, torch.Tensor], metadata: Mappi
             raise LoRAArchitectureError(f"{label}: module {name} lacks its {missing} weight.")
         alpha = tensors.get("alpha")
         modules[name] = LoRAModule(tensors["down"], tensors["up"], None if alpha is None else float(alpha))
-    return LoRAFile(modules=modules, metadata=metadata, path=path)
+    return LoRAFile(modules=modules, metadata=metadata, path=path, family=found)
 
 
-def read_lora(path: str | Path) -> LoRAFile:
-    """Read a LoRA ``.safetensors`` file (kohya or peft/diffusers layout) and refuse other architectures."""
+def read_lora(path: str | Path, family: ModelFamily | None = None) -> LoRAFile:
+    """Read a LoRA ``.safetensors`` file (kohya or peft/diffusers layout) and refuse other architectures
+    (and, with ``family`` given, a LoRA of the other family)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -192,33 +255,31 @@ def read_lora(path: str | Path) -> LoRAFile:
             state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is not a readable .safetensors file: {error}") from error
-    return lora_from_state_dict(state_dict, metadata, str(path))
+    return lora_from_state_dict(state_dict, metadata, str(path), family)
 
 
-def kohya_module_names(model: nn.Module) -> dict[str, nn.Module]:
-    """A diffusers/transformers model's Linear and Conv2d layers keyed as kohya names them (dots -> _)."""
-    return {name.replace(".", "_"): module for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d))}
+def unet_kohya_modules(unet: nn.Module, family: ModelFamily) -> dict[str, nn.Module]:
+    """A diffusers UNet's Linear and Conv2d layers keyed by kohya name without ``lora_unet_``.
 
-
-def clip_text_kohya_names(encoder: nn.Module) -> dict[str, nn.Module]:
-    """A transformers ``CLIPTextModel``'s layers keyed as kohya names them (``text_model_encoder_layers_0_...``).
-
-    transformers 5 dropped the ``text_model.`` level of the module paths; kohya's names keep it. Layers of
-    frontend-specific classes (Forge's) are included.
+    Both namings a LoRA file may use resolve: the family's kohya names (SDXL: SGM paths such as
+    ``input_blocks_4_1_...``) and diffusers' module paths with dots as underscores (SD1.x kohya, peft files).
     """
-    names = {name.replace(".", "_"): module for name, module in layers(encoder).items()}
-    if names and not any(name.startswith("text_model_") for name in names):
-        names = {"text_model_" + name: module for name, module in names.items()}
+    modules = layers(unet)
+    names = {path.replace(".", "_"): module for path, module in modules.items()}
+    names.update({kohya[len(UNET_PREFIX):]: modules[path] for path, kohya in family.kohya_unet_names(unet).items()})
     return names
+
+
+def _width_hint(width: int) -> str:
+    found = _CROSS_ATTENTION_WIDTHS.get(width)
+    return f" It looks like a LoRA for {getattr(found, 'label', found)}." if found else ""
 
 
 def _describe_mismatch(lora: dict[str, LoRAModule], modules: Mapping[str, nn.Module], label: str) -> str:
     cross = [module for name, module in lora.items() if name.endswith(("attn2_to_k", "attn2_to_v"))]
-    family = _CROSS_ATTENTION_FAMILIES.get(cross[0].down.shape[1]) if cross else None
     missing = sorted(set(lora) - set(modules))
-    hint = f" It looks like a LoRA for {family}." if family else ""
-    return (f"{label} does not fit this SD1.5 model ({len(missing)} of {len(lora)} modules unknown, "
+    hint = _width_hint(cross[0].down.shape[1]) if cross else ""
+    return (f"{label} does not fit this model ({len(missing)} of {len(lora)} modules unknown, "
             f"e.g. {missing[:3]}).{hint}")
 
 
@@ -229,9 +290,7 @@ def _check_shape(name: str, weights: LoRAModule, module: nn.Module, label: str) 
         expected_down = (weights.rank, module.in_channels, *weights.down.shape[2:])
         expected_up = (module.out_channels, weights.rank, 1, 1)
     if tuple(weights.down.shape[:2]) != expected_down[:2] or tuple(weights.up.shape[:2]) != expected_up[:2]:
-        cross_attention = name.endswith(("attn2_to_k", "attn2_to_v"))
-        width = _CROSS_ATTENTION_FAMILIES.get(weights.down.shape[1]) if cross_attention else None
-        hint = f" It looks like a LoRA for {width}." if width else ""
+        hint = _width_hint(weights.down.shape[1]) if name.endswith(("attn2_to_k", "attn2_to_v")) else ""
         raise LoRAArchitectureError(
             f"{label}: module {name} has shapes down {tuple(weights.down.shape)} / up {tuple(weights.up.shape)}, "
             f"but the model's layer needs down {expected_down} / up {expected_up}.{hint}"
@@ -416,16 +475,21 @@ class FollowingLoRA:
         return 0 if self._inner is None else len(self._inner)
 
 
-def attach_lora(unet: nn.Module, text_encoder: nn.Module | None, lora: LoRAFile,
+def attach_lora(unet: nn.Module, text_encoders: Sequence[nn.Module], lora: LoRAFile,
                 scale: float = 1.0) -> tuple[FunctionalLoRA, FunctionalLoRA | None]:
-    """Hook a LoRA file onto a diffusers UNet (and a transformers CLIP text encoder, if it has TE weights)."""
+    """Hook a LoRA file onto a diffusers UNet and, when it has text-encoder weights, onto the family's
+    transformers CLIP text encoders (``text_encoders`` in the order of ``lora.family.text_encoders``)."""
     label = lora.path or "The LoRA"
-    unet_lora = FunctionalLoRA(kohya_module_names(unet), lora.unet, scale, label)
+    unet_lora = FunctionalLoRA(unet_kohya_modules(unet, lora.family), lora.unet, scale, label)
     text_lora = None
     if lora.text_encoder:
-        if text_encoder is None:
-            raise ValueError(f"{label} adapts the text encoder, but no text encoder was given.")
-        text_lora = FunctionalLoRA(kohya_module_names(text_encoder), lora.text_encoder, scale, label)
+        if len(text_encoders) != len(lora.family.text_encoders):
+            raise ValueError(f"{label} adapts the text encoders, but {len(text_encoders)} of the "
+                             f"{lora.family.label} model's {len(lora.family.text_encoders)} were given.")
+        modules = lora.family.kohya_text_encoder_layers(text_encoders)
+        # files written from transformers 5 models may lack kohya's text_model_ level
+        modules.update({name.replace("_text_model_", "_", 1): module for name, module in list(modules.items())})
+        text_lora = FunctionalLoRA(modules, lora.text_encoder, scale, label)
     return unet_lora, text_lora
 
 
@@ -434,4 +498,4 @@ def describe(lora: LoRAFile) -> str:
     ranks = sorted({module.rank for module in lora.modules.values()})
     hgdpo = {key[len("hgdpo."):]: value for key, value in lora.metadata.items() if key.startswith("hgdpo.")}
     return (f"{Path(lora.path).name or 'LoRA'}: {len(lora.unet)} UNet + {len(lora.text_encoder)} text-encoder "
-            f"modules, rank {ranks}" + (f", {json.dumps(hgdpo)}" if hgdpo else ""))
+            f"modules, {lora.family.label}, rank {ranks}" + (f", {json.dumps(hgdpo)}" if hgdpo else ""))

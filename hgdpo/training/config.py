@@ -10,8 +10,18 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from hgdpo.models.loading import DTYPES  # noqa: F401  (the precision names, where training code has them)
-from hgdpo.options import check_fields, config_parser, flag_name, option, parse_config, parse_resolution, save_config, to_toml
+from hgdpo.models.loading import DTYPES, ModelOptions  # noqa: F401  (DTYPES: the precision names, where training code has them)
+from hgdpo.options import (
+    check_fields,
+    config_parser,
+    flag_name,
+    nested,
+    option,
+    parse_config,
+    parse_resolution,
+    save_config,
+    to_toml,
+)
 from hgdpo.training.losses import DEFAULT_BETA, DEFAULT_LAMBDA_STAT
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -21,12 +31,15 @@ MAX_SEED = 2**32 - 1
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = option(None, "SD1.5-family model: single-file .safetensors/.ckpt, diffusers folder or hub id.")
+    model: str = option(None, "SD1.5- or SDXL-family model (SDXL, Pony, Illustrious, NoobAI ...): single-file "
+                              ".safetensors/.ckpt, diffusers folder or hub id.")
+    model_options: ModelOptions = nested(ModelOptions)
     dataset: str = option(None, "Triplet dataset folder (index.parquet) or Pick-a-Pic v2 style parquet file/folder.")
     output_dir: str = option(None, "Folder for the LoRA, checkpoints, logs and validation images.")
     output_name: str = option("hgdpo_lora", "File name (without .safetensors) of the final LoRA.")
     model_config_dir: str = option(
-        None, "Diffusers-layout config folder for single-file checkpoints (default: bundled SD1.5 configs)."
+        None, "Diffusers-layout config folder for single-file checkpoints (default: the bundled configs of its "
+              "family)."
     )
     people_only: bool = option(False, "Pick-a-Pic input: keep only pairs whose caption is about people ('(H)').")
     bad_images: str = option(
@@ -51,7 +64,8 @@ class TrainConfig:
                                 above=0)
     lora_targets: str = option("to_q,to_k,to_v,to_out.0", "Comma-separated UNet linears to adapt (paper: attention).")
     # data
-    resolution: str = option("512", "Training size: N for NxN or WxH such as 704x1024 (paper); multiples of 8.")
+    resolution: str = option("auto", "Training size: N for NxN or WxH such as 704x1024 (paper); multiples of 8 "
+                                     "(auto: the model family's, SD1.5 512, SDXL 1024).")
     batch_size: int = option(1, "Pairs per device per micro-batch.", at_least=1)
     effective_batch_size: int = option(16, "Pairs per optimizer step over all devices, via accumulation (paper: 16).",
                                           at_least=1)
@@ -106,8 +120,8 @@ class TrainConfig:
         self.validation_lora_weights = self.validation_lora_weights or [0.0, 0.5]
 
     @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) in pixels."""
+    def size(self) -> tuple[int, int] | None:
+        """(width, height) in pixels; None for ``auto`` until :func:`hgdpo.training.loop.setup_run` sets it."""
         return parse_resolution(self.resolution)
 
     @property
@@ -156,7 +170,7 @@ class TrainConfig:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """Command-line flags for every :class:`TrainConfig` field, plus ``--config``."""
-    return config_parser(TrainConfig, "Train an HG-DPO LoRA for an SD1.5-family model from a preference dataset.",
+    return config_parser(TrainConfig, "Train an HG-DPO LoRA for an SD1.5- or SDXL-family model from a preference dataset.",
                          prog)
 
 

@@ -1,4 +1,5 @@
-"""Encode a preference dataset once: VAE latents of both images and the prompt's text embedding.
+"""Encode a preference dataset once: VAE latents of both images and the prompt's text embedding (SDXL: and its
+pooled embedding, ``pooled``; the size conditioning is rebuilt from the training size).
 
 The dataset's images and prompts never change during training, so encoding them through the VAE
 and the text encoder at every step (as diffusers' ``train_diffusion_dpo.py`` does) is wasted work.
@@ -62,12 +63,11 @@ def cache_key(model_fingerprint: str, dataset_fingerprint: str, size: tuple[int,
 
 
 @torch.no_grad()
-def encode_prompts(prompts: list[str], tokenizer, text_encoder) -> torch.Tensor:
-    """CLIP last hidden states ``[N, 77, 768]``, as SD1.5's UNet consumes them."""
-    tokens = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+def encode_text(prompts: list[str], components) -> dict[str, torch.Tensor]:
+    """The cached text tensors of ``prompts``: ``text`` (the context) and, for SDXL, ``pooled`` (float16, CPU)."""
+    context, pooled = components.family.encode_text(prompts, components.tokenizers, components.text_encoder_modules)
+    tensors = {"text": context} if pooled is None else {"text": context, "pooled": pooled}
+    return {name: tensor.to(torch.float16).cpu() for name, tensor in tensors.items()}
 
 
 @torch.no_grad()
@@ -86,6 +86,7 @@ class EncodedPairs(torch.utils.data.Dataset):
         manifest = json.loads((self.directory / "manifest.json").read_text())
         self.skipped: dict[int, str] = {int(index): reason for index, reason in manifest["skipped"].items()}
         self._files = [_open_chunk(self.directory / name) for name in manifest["chunks"]]
+        self._names = [set(handle.keys()) for handle in self._files]  # noqa: SIM118 (safe_open is not iterable)
         self._rows = [
             (c, row) for c, handle in enumerate(self._files) for row in range(handle.get_slice("win").get_shape()[0])
         ]
@@ -96,7 +97,8 @@ class EncodedPairs(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         chunk, row = self._rows[position]
         handle = self._files[chunk]
-        return {name: handle.get_slice(name)[row : row + 1][0] for name in ("win", "lose", "text")}
+        return {name: handle.get_slice(name)[row : row + 1][0] for name in ("win", "lose", "text", "pooled")
+                if name in self._names[chunk]}
 
 
 def build_cache(
@@ -148,9 +150,9 @@ def build_cache(
                     [encode_images(torch.stack(images[i : i + encode_batch_size]), components.vae)
                      for i in range(0, len(images), encode_batch_size)]
                 ).to(torch.float16).cpu()
-            batches = [prompts[i : i + encode_batch_size] for i in range(0, len(prompts), encode_batch_size)]
-            embeddings = [encode_prompts(batch, components.tokenizer, components.text_encoder) for batch in batches]
-            tensors["text"] = torch.cat(embeddings).to(torch.float16).cpu()
+            batches = [encode_text(prompts[i : i + encode_batch_size], components)
+                        for i in range(0, len(prompts), encode_batch_size)]
+            tensors.update({name: torch.cat([batch[name] for batch in batches]) for name in batches[0]})
         _write_chunk(_chunk_path(directory, chunk), tensors, skipped)
         if bar:
             bar.update(CHUNK_SIZE)

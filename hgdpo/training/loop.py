@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from hgdpo.data.readers import PreferenceDataset, open_preference_dataset
 from hgdpo.errors import TrainingError
 from hgdpo.fileio import cache_root
-from hgdpo.models.loading import SD15Components, file_sha256, load_sd15, model_fingerprint
+from hgdpo.models.families import Conditioning, Prediction
+from hgdpo.models.loading import SD15Components, family_size, file_sha256, model_fingerprint
 from hgdpo.models.lora import (
     adapter_disabled,
     add_lora,
@@ -36,9 +37,10 @@ from hgdpo.models.lora import (
     lora_state_dict,
     save_kohya_lora,
 )
+from hgdpo.options import parse_resolution
 from hgdpo.training.checkpoint import CheckpointManager, TrainingState, restore_rng_states, rng_states
 from hgdpo.training.config import DTYPES, TrainConfig, save_config
-from hgdpo.training.latent_cache import EncodedPairs, build_cache, cache_key, encode_prompts, finalize_cache
+from hgdpo.training.latent_cache import EncodedPairs, build_cache, cache_key, finalize_cache
 from hgdpo.training.losses import DPOTerms, hgdpo_loss, sft_loss
 from hgdpo.training.validation import validation_images
 
@@ -85,7 +87,7 @@ class StepInputs:
     """One micro-batch on the device: winners first, then losers."""
 
     latents: torch.Tensor
-    text: torch.Tensor
+    text: Conditioning  # one row per pair
 
 
 def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -125,13 +127,14 @@ def _make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter],
 
 
 def _encode_dataset(config: TrainConfig, components: SD15Components, dataset: PreferenceDataset,
-                    accelerator: Accelerator) -> tuple[EncodedPairs, torch.Tensor, torch.Tensor]:
+                    accelerator: Accelerator) -> tuple[EncodedPairs, Conditioning, Conditioning]:
     """Encode the dataset into the cache once (each rank its chunks); also the validation prompts."""
     cache_dir = Path(config.cache_dir or cache_root()) / "encoded" / cache_key(
         model_fingerprint(config.model), f"{dataset.fingerprint()}:{config.people_only}", config.size
     )
     components.vae.to(accelerator.device)
-    components.text_encoder.to(accelerator.device)
+    for text_encoder in components.text_encoder_modules:
+        text_encoder.to(accelerator.device)
     build_cache(dataset, components, config.size, cache_dir, rank=accelerator.process_index,
                 world_size=accelerator.num_processes, bad_images=config.bad_images,
                 progress=tqdm if accelerator.is_main_process else None)
@@ -144,8 +147,9 @@ def _encode_dataset(config: TrainConfig, components: SD15Components, dataset: Pr
         logger.warning("%d pair(s) skipped for missing or corrupt images: %s", len(encoded.skipped),
                        "; ".join(list(encoded.skipped.values())[:5]))
     prompts = config.validation_prompts or [dataset.prompt(i) for i in range(min(2, len(dataset)))]
-    validation_text = encode_prompts(prompts, components.tokenizer, components.text_encoder).cpu()
-    negative_text = encode_prompts([""], components.tokenizer, components.text_encoder).cpu()
+    width, height = config.size
+    validation_text = components.encode_prompts(prompts, (height, width)).to("cpu")
+    negative_text = components.encode_prompts([""], (height, width)).to("cpu")
     return encoded, validation_text, negative_text
 
 
@@ -199,8 +203,8 @@ class TrainingRun:
     output_dir: Path
     weight_dtype: torch.dtype
     accumulation: int  # micro-batches per optimizer step on each device
-    validation_text: torch.Tensor  # embeddings of the validation prompts (on the CPU)
-    negative_text: torch.Tensor  # and of the empty prompt
+    validation_text: Conditioning  # the validation prompts' (on the CPU)
+    negative_text: Conditioning  # and the empty prompt's
     state: TrainingState = field(default_factory=lambda: TrainingState(step=0, batches_seen=0))
 
     @property
@@ -252,12 +256,17 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     torch.manual_seed(config.seed)
 
     logger.info("Loading model %s", config.model)
-    components = load_sd15(config.model, config_dir=config.model_config_dir)
+    components = config.model_options.load(config.model, config.model_config_dir, config.size)
+    family = components.family
+    config.resolution = "x".join(map(str, family_size(config.size, family)))  # "auto" -> the family's
+    logger.info("%s model, %s prediction, training at %s", family.label,
+                components.noise_scheduler.config.prediction_type, config.resolution)
     dataset = open_preference_dataset(config.dataset, people_only=config.people_only)
     logger.info("Dataset %s: %d pairs (%s)", config.dataset, len(dataset), dataset.info)
     encoded, validation_text, negative_text = _encode_dataset(config, components, dataset, accelerator)
-    components.text_encoder.to("cpu")  # not needed any more: validation prompts are encoded
-    components.vae.to(device, dtype=weight_dtype)
+    for text_encoder in components.text_encoder_modules:
+        text_encoder.to("cpu")  # not needed any more: validation prompts are encoded
+    components.vae.to(device, dtype=family.vae_dtype(weight_dtype))
 
     unet = _make_policy(config, components.unet, device, weight_dtype)
     optimizer = _make_optimizer(config, lora_parameters(unet), device)
@@ -332,9 +341,12 @@ def _micro_batches(run: TrainingRun) -> Iterator[StepInputs]:
                                     run.accelerator.process_index, run.accelerator.num_processes,
                                     start=run.state.batches_seen)
     device, dtype = run.accelerator.device, run.weight_dtype
+    width, height = run.config.size
     for batch in torch.utils.data.DataLoader(run.encoded, batch_sampler=sampler, collate_fn=_collate):
+        pooled = batch.get("pooled")
+        text = run.components.family.conditioning(batch["text"], pooled, (height, width))
         yield StepInputs(latents=torch.cat([batch["win"], batch["lose"]]).to(device, dtype),
-                         text=batch["text"].to(device, dtype))
+                         text=text.to(device, dtype))
 
 
 def _start_tracking(run: TrainingRun) -> None:
@@ -408,21 +420,22 @@ def micro_step_loss(config: TrainConfig, unet: torch.nn.Module, noise: ForwardPr
 
     Both images of a pair get the same noise and timestep; the reference is the UNet with its LoRA off.
     """
-    pairs = inputs.text.shape[0]
+    pairs = len(inputs.text)
     epsilon, timesteps = noise.draw(inputs.latents, pairs)
     scheduler = noise.scheduler
     if config.loss == "sft":  # winners only, no reference
         winners = inputs.latents[:pairs]
-        prediction = unet(scheduler.add_noise(winners, epsilon, timesteps), timesteps, inputs.text).sample
+        prediction = unet(scheduler.add_noise(winners, epsilon, timesteps), timesteps,
+                          **inputs.text.unet_kwargs()).sample
         loss = sft_loss(prediction, noise.target(winners, epsilon, timesteps))
         logs["loss/total"].append(loss.item())
         return loss
     epsilon, timesteps = epsilon.repeat(2, 1, 1, 1), timesteps.repeat(2)
     noisy = scheduler.add_noise(inputs.latents, epsilon, timesteps)
-    text = inputs.text.repeat(2, 1, 1)
-    policy = unet(noisy, timesteps, text).sample
+    text = inputs.text.repeat(2).unet_kwargs()
+    policy = unet(noisy, timesteps, **text).sample
     with torch.no_grad(), adapter_disabled(_base(unet)):
-        reference = unet(noisy, timesteps, text).sample
+        reference = unet(noisy, timesteps, **text).sample
     result = hgdpo_loss(
         policy, reference, noise.target(inputs.latents, epsilon, timesteps), noisy, timesteps, noise.alphas_cumprod,
         prediction_type=scheduler.config.prediction_type, beta=config.beta,
@@ -477,11 +490,16 @@ def _save_checkpoint(run: TrainingRun) -> None:
     accelerator.wait_for_everyone()
 
 
+def _same_option(name: str, was: object, now: object) -> bool:
+    """Whether a resume invariant is unchanged (``512`` and ``512x512`` are one resolution)."""
+    return parse_resolution(was) == parse_resolution(now) if name == "resolution" else was == now
+
+
 def _restore(run: TrainingRun, path: Path) -> TrainingState:
     """Load a checkpoint into the run's live objects; refuse one made with incompatible options."""
     progress_state, tensors, objects = CheckpointManager.load(path)
     changed = {name: (objects["invariants"][name], getattr(run.config, name)) for name in _RESUME_INVARIANTS
-               if objects["invariants"][name] != getattr(run.config, name)}
+               if not _same_option(name, objects["invariants"][name], getattr(run.config, name))}
     if changed:
         raise ValueError(f"Cannot resume from {path}: options changed since it was written (was, now): {changed}.")
     load_lora_state_dict(_base(run.unet), tensors)
@@ -567,6 +585,9 @@ def _save_lora(run: TrainingRun, path: Path) -> None:
             "scorer": info.scorer,
             "people_only": config.people_only,
         },
+        family=run.components.family,
+        prediction_type=Prediction(run.noise.scheduler.config.prediction_type).modelspec,
     )
     unet = _base(run.accelerator.unwrap_model(run.unet))
-    save_kohya_lora(path, lora_state_dict(unet), config.lora_alpha, metadata, DTYPES[config.save_precision])
+    save_kohya_lora(path, lora_state_dict(unet), config.lora_alpha, metadata, DTYPES[config.save_precision],
+                    names=run.components.family.kohya_unet_names(unet))

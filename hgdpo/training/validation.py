@@ -13,11 +13,12 @@ from hgdpo.training.config import TrainConfig
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from hgdpo.models.families import Conditioning
     from hgdpo.models.loading import SD15Components
 
 
-def validation_images(config: TrainConfig, components: SD15Components, unet, prompt_embeds: torch.Tensor,
-                      negative_embeds: torch.Tensor) -> list[list[Image]]:
+def validation_images(config: TrainConfig, components: SD15Components, unet, prompts: Conditioning,
+                      negative_prompt: Conditioning) -> list[list[Image]]:
     """The validation images, one row per ``config.validation_lora_weights`` entry (prompts x seeds in each).
 
     They come from the toolkit's one generation path (:func:`hgdpo.inference.sampling.sample_latents`,
@@ -28,13 +29,14 @@ def validation_images(config: TrainConfig, components: SD15Components, unet, pro
     width, height = config.size
     shape = latent_shape(unet, components.vae, width, height)
     seeds = config.validation_seeds
-    negative = negative_embeds.to(unet.device, unet.dtype).expand(len(seeds), -1, -1)
+    same_row = torch.zeros(len(seeds), dtype=torch.long)
+    negative = negative_prompt.rows(same_row).to(unet.device, unet.dtype)
     rows = []
     for weight in config.validation_lora_weights:
         lora_unet = partial(unet, cross_attention_kwargs={"scale": weight})
         images = []
-        for prompt_embed in prompt_embeds:
-            positive = prompt_embed[None].to(unet.device, unet.dtype).expand(len(seeds), -1, -1)
+        for index in range(len(prompts)):
+            positive = prompts.rows(same_row + index).to(unet.device, unet.dtype)
             denoise = GuidedUNet(lora_unet, positive, negative, config.validation_guidance_scale)
             scheduler = make_scheduler(components.noise_scheduler.config, "dpmpp_2m")
             latents = sample_latents(denoise, scheduler, seeds, shape, config.validation_inference_steps, unet.device)
