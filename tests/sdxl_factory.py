@@ -231,9 +231,10 @@ def save_random_lora(unet: nn.Module, path: str | Path, *, text_encoders: tuple[
     """A random SDXL LoRA as the trainer writes it: peft-named weights of the ``targets`` linears through
     :func:`hgdpo.models.lora.save_kohya_lora` with :meth:`SDXL.kohya_unet_names` and SDXL's metadata; with
     ``text_encoders`` (CLIP-L, bigG) also ``lora_te1_``/``lora_te2_`` modules of their ``text_targets``."""
+    from safetensors.torch import load_file, save_file
+
     from hgdpo.fileio import atomic_path
     from hgdpo.models.lora import kohya_metadata, save_kohya_lora
-    from safetensors.torch import load_file, save_file
 
     generator = torch.Generator().manual_seed(seed)
 

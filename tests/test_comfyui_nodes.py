@@ -542,18 +542,18 @@ def test_sdxl_checkpoint_loads_as_sdxl_with_pooled_and_size_conditioning(sdxl, c
 def test_sdxl_loras_written_by_hgdpo_load_in_comfyui_with_zero_unmatched_keys(sdxl, comfy, caplog, lora_name):
     """ComfyUI's own key maps know every module of the SDXL LoRAs hgdpo writes (UNet: kohya's SGM names;
     text encoders: lora_te1_/lora_te2_), and the HG-DPO LoRA node patches each one, with no warning."""
-    import comfy.lora
-    import comfy.lora_convert
+    import comfy.lora as comfy_lora
+    import comfy.lora_convert as comfy_lora_convert
 
     path = comfy.base / "models" / "loras" / lora_name
     modules = lora_modules(path)
     unet_modules = {name for name in modules if name.startswith("lora_unet_")}
-    key_map = comfy.lora.model_lora_keys_unet(sdxl.model.model, {})
-    comfy.lora.model_lora_keys_clip(sdxl.clip.cond_stage_model, key_map)
+    key_map = comfy_lora.model_lora_keys_unet(sdxl.model.model, {})
+    comfy_lora.model_lora_keys_clip(sdxl.clip.cond_stage_model, key_map)
     assert modules - set(key_map) == set()
     state_dict = comfy.utils.load_torch_file(str(path), safe_load=True)
     with caplog.at_level(logging.WARNING):
-        patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(state_dict), key_map)
+        patches = comfy_lora.load_lora(comfy_lora_convert.convert_lora(state_dict), key_map)
         dpo, dpo_clip = comfy.node["HGDPOLoraLoader"].execute(model=sdxl.model, lora_name=lora_name, strength=0.5,
                                                               clip=sdxl.clip).args
         unet_only = comfy.node["HGDPOLoraLoader"].execute(model=sdxl.model, lora_name=lora_name,

@@ -138,6 +138,7 @@ def running_server(base: Path, *extra_args: str):
 def server(tmp_path_factory, tiny_clip_dirs):
     from hgdpo.models.tiny import sd15_configs
 
+    support.comfy_dir()  # skips here, before building anything, without a ComfyUI
     assets = tmp_path_factory.mktemp("comfy-e2e-assets")
     checkpoint, lora = support.write_checkpoint(assets, sd15_configs())
     support.assert_finite_file(checkpoint)
