@@ -44,6 +44,7 @@ def comfy(tmp_path_factory, tiny_clip_dirs):
     base = support.comfy_base(tmp_path_factory.mktemp("comfy-base"), checkpoint, lora, tiny_clip_dirs)
     support.save_sdxl_lora(base / "models/loras/sdxl_lora.safetensors")
     support.save_sd2_shaped_lora(base / "models/loras/sd2_lora.safetensors")
+    support.save_unknown_module_lora(base / "models/loras/unknown_module_lora.safetensors")
     support.save_slim_sd2_unet(base / "models/diffusion_models/sd2_unet.safetensors")
 
     sys.path.insert(0, str(path))
@@ -165,10 +166,12 @@ def test_lora_node_refuses_loras_of_other_architectures(comfy):
     from hgdpo.models.lora_runtime import LoRAArchitectureError
 
     loader = comfy.node["HGDPOLoraLoader"]
-    with pytest.raises(LoRAArchitectureError, match="SDXL"):
+    with pytest.raises(LoRAArchitectureError, match="is an SDXL LoRA, but the model is an SD1.5 model"):
         loader.execute(model=comfy.model, lora_name="sdxl_lora.safetensors", strength=0.5)
-    with pytest.raises(ValueError, match="does not fit this SD15 model.*1024"):
+    with pytest.raises(LoRAArchitectureError, match="made for SD2.x"):  # by its 1024-wide cross-attention
         loader.execute(model=comfy.model, lora_name="sd2_lora.safetensors", strength=0.5)
+    with pytest.raises(ValueError, match="does not fit this SD15 model: 1 of 1 UNet modules are unknown to it"):
+        loader.execute(model=comfy.model, lora_name="unknown_module_lora.safetensors", strength=0.5)
 
 
 # --------------------------------------------------------------------------- LAN

@@ -187,6 +187,16 @@ def save_sd2_shaped_lora(path: Path) -> Path:
     return path
 
 
+def save_unknown_module_lora(path: Path) -> Path:
+    """An SD1-named kohya LoRA of the full SD1.5 UNet's third level, which the two-level slim UNet lacks."""
+    from safetensors.torch import save_file
+
+    name = "lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 768), f"{name}.lora_up.weight": torch.zeros(1280, 4),
+               f"{name}.alpha": torch.tensor(4.0)}, str(path))
+    return path
+
+
 def comfy_base(root: Path, checkpoint: Path | None = None, lora: Path | None = None,
                clip_dirs: dict | None = None) -> Path:
     """A ComfyUI ``--base-directory``: models (linked), custom_nodes/hgdpo (this repository), input, output."""
