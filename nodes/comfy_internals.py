@@ -14,7 +14,7 @@ What the pack uses, and for what:
     ``inner_sample``, which ``outer_sample`` calls once the models are loaded. ``inner_sample`` is overridden
     with ``*args, **kwargs`` and ``sample`` passes extra keyword arguments on: 0.28 added ``latent_shapes`` to
     ``outer_sample``/``inner_sample`` (a fixed signature failed with a TypeError there), and 0.28 also packs
-    nested latents in ``sample`` (SD1.5 latents are plain tensors; a nested one is refused).
+    nested latents in ``sample`` (SD1.5 and SDXL latents are plain tensors; a nested one is refused).
   - ``KSAMPLER(sampler_function, extra_options, inpaint_options)``, its three attributes and its calling
     convention ``sampler_function(model, x, sigmas, extra_args=, callback=, disable=, **extra_options)``;
     with ``inpaint_options["random"]`` it sets ``model.noise`` (``KSamplerX0Inpaint``) from ``seed + 1``.
@@ -27,7 +27,8 @@ What the pack uses, and for what:
 * **Noise**: ``comfy.k_diffusion.sampling.BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=, cpu=)`` and
   ``default_noise_sampler(x, seed=)``; which one a sampler builds when given none is read from its source
   (:func:`noise_default`), so that the single-chain draw equals the stock sampler's.
-* **Models** (``comfy.model_patcher``): ``ModelPatcher.model`` (``model_config``, ``latent_format.
+* **Models** (``comfy.model_patcher``): ``ModelPatcher.model`` (``model_config``, whose class name (or a base
+  class's) ``SD15``/``SDXL`` of ``comfy.supported_models`` names the family, ``latent_format.
   latent_channels``, ``apply_model``, ``manual_cast_dtype``, its submodules), ``patches`` (key -> list of ``(strength, adapter,
   strength_model, offset, function)``, the tuples ``add_patches`` appends), ``clone``,
   ``set_additional_models``, ``is_dynamic`` (0.28+; absent in 0.3.64: not dynamic), ``create_model_options_clone``;
@@ -77,6 +78,8 @@ from comfy.k_diffusion import sampling as k_sampling
 # marked STABLE = False (it may change in any release), while v0_0_2 is a listed supported version
 # (comfy_api/version_list.py) that ComfyUI keeps importable when it adds newer ones.
 from comfy_api.v0_0_2 import ComfyExtension, io, ui  # noqa: F401 - re-exported for the node modules
+
+from hgdpo.models.families import SD15, SDXL, ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +190,24 @@ def require(feature: str) -> None:
 
 
 def model_family(patcher) -> tuple[str, int]:
-    """(model family, latent channels) of a ModelPatcher, e.g. ``("SD15", 4)``."""
+    """(model family, latent channels) of a ModelPatcher, e.g. ``("SD15", 4)``, ``("SDXL", 4)``."""
     model = patcher.model
     return type(model.model_config).__name__, int(model.latent_format.latent_channels)
+
+
+# ComfyUI's model configs (comfy.supported_models) -> hgdpo's families. SDXL fine-tunes (Pony, Illustrious,
+# NoobAI, v-prediction ones included) are detected as SDXL; subclasses (SSD1B, Segmind_Vega, KOALA,
+# SD15_instructpix2pix ...) map to their base's family by their class hierarchy, and the LoRA node's fit check
+# then names the modules they lack.
+CORE_FAMILIES = {"SD15": SD15, "SDXL": SDXL}
+
+
+def core_family(patcher) -> ModelFamily | None:
+    """hgdpo's :class:`ModelFamily` of a ModelPatcher's model (SD15 or SDXL), or None for other architectures."""
+    for kind in type(patcher.model.model_config).__mro__:
+        if kind.__name__ in CORE_FAMILIES:
+            return CORE_FAMILIES[kind.__name__]
+    return None
 
 
 def shares_weights(a, b) -> bool:

@@ -17,7 +17,8 @@ drive it like any guider (previews, progress bar, interrupt, img2img, masks). It
      SFT rows and 1 on DPO rows: one batched forward, one copy of the weights, no re-patching;
    * **two checkpoints**: both models are loaded together (the DPO one as an additional model of the
      guider) and each gets its rows (both with the SFT ModelPatcher's model options: its patches and
-     wrappers);
+     wrappers), with every per-row input sliced alike: SDXL's ``y`` (pooled text embedding and size
+     conditioning), control, concat inputs;
 4. returns the DPO half; the callback (previews, ``denoised_output``) sees the DPO half too.
 
 Every ComfyUI internal used here comes from :mod:`.comfy_internals` (imported as ``comfy``).
@@ -49,7 +50,7 @@ class LANError(ValueError):
 
 
 def check_pair(dpo, sft) -> None:
-    """Refuse SFT and DPO models of different families or latent spaces."""
+    """Refuse SFT and DPO models of different families or latent spaces (an SD1.5 and an SDXL model...)."""
     dpo_family, sft_family = comfy.model_family(dpo), comfy.model_family(sft)
     if dpo_family != sft_family:
         raise LANError(
@@ -193,7 +194,8 @@ class LANGuider(comfy.HookedCFGGuider):
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None, **kwargs):
         if comfy.is_nested(latent_image):
-            raise LANError("LAN samples one latent per image (SD1.5 family); this latent is a nested, multi-part one.")
+            raise LANError("LAN samples one latent per image (SD1.5 and SDXL families); this latent is a nested, "
+                           "multi-part one.")
         self.batch = batch = noise.shape[0]
         if latent_image.shape[0] != batch:
             latent_image = comfy.repeat_to_batch_size(latent_image, batch)

@@ -9,6 +9,12 @@
   ``text_projection`` as ``[hidden, projection]``). The bigG part is the inverse of diffusers'
   ``convert_open_clip_checkpoint``.
 * :func:`save_diffusers_folder` writes a ``StableDiffusionXLPipeline`` folder.
+* :func:`save_full_size_single_file` writes the real SDXL base architecture (2.6 B-parameter UNet, both text
+  encoders, the VAE; from the bundled configs) with small random weights as one fp16 single file, the
+  checkpoint hosts (ComfyUI, the WebUIs) need: they detect SDXL from the real shapes, so a tiny SDXL does
+  not load there. It never holds an fp32 copy of a model (about 7 GB of RAM at fp16).
+* :func:`save_random_lora` writes a random kohya SDXL LoRA with hgdpo's writer (``lora_unet_input_blocks_...``,
+  optionally ``lora_te1_``/``lora_te2_``), for a UNet of any size (also one on the meta device).
 * ``save_fake_*`` write the identifying keys of refused kinds (refiner, SD3, Flux).
 """
 
@@ -17,12 +23,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from hgdpo.models.families import SDXL
+from hgdpo.models.families import SDXL, Prediction
+from hgdpo.models.tiny import _NORM_TYPES, _init_kwargs
 from tests import sd15_factory
 
 BIGG_PREFIX = "conditioner.embedders.1.model."
@@ -123,6 +132,141 @@ def save_single_file(models: dict[str, nn.Module], path: str | Path, extra: dict
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"format": "pt", **(metadata or {})})
     return path
+
+
+# --------------------------------------------------------------------------- the full-size architecture
+
+FULL_SIZE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# the markers NoobAI-XL V-Pred (and kohya's sd-scripts) write into v-prediction checkpoints: empty tensors
+V_PREDICTION_MARKERS = {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+
+
+def full_size_configs() -> dict[str, dict]:
+    """The bundled SDXL base 1.0 configs of the UNet, the VAE and both text encoders (no change)."""
+    return {name: json.loads((SDXL.config_dir / name / "config.json").read_text()) for name in FULL_SIZE_PARTS}
+
+
+def _meta_model(name: str, config: dict) -> nn.Module:
+    """One part of SDXL with its parameters on the meta device (no memory, no default init)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with init_empty_weights():
+        if name == "unet":
+            return UNet2DConditionModel.from_config(_init_kwargs(config))
+        if name == "vae":
+            return AutoencoderKL.from_config(_init_kwargs(config))
+        text_class = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
+        return text_class(CLIPTextConfig(**_init_kwargs(config)))
+
+
+@torch.no_grad()
+def _randomize_as(model: nn.Module, generator: torch.Generator, dtype: torch.dtype, std: float) -> nn.Module:
+    """:func:`hgdpo.models.tiny.randomize_parameters` (the same draws) with each parameter cast to ``dtype`` as it
+    is drawn, so that no fp32 copy of the whole model exists."""
+    for module in model.modules():
+        is_norm = isinstance(module, _NORM_TYPES)
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None:
+                continue
+            value = torch.empty(parameter.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+            if is_norm and name == "weight":
+                value += 1.0
+            module._parameters[name] = nn.Parameter(value.to(dtype), requires_grad=False)
+    return model.eval()
+
+
+def build_full_size_models(dtype: torch.dtype = torch.float16, seed: int = 0, std: float = 0.02,
+                           parts: tuple[str, ...] = FULL_SIZE_PARTS) -> dict[str, nn.Module]:
+    """The SDXL base architecture at full size with deterministic N(0, std) weights in ``dtype``."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    configs = full_size_configs()
+    return {name: _randomize_as(_meta_model(name, configs[name]), generator, dtype, std) for name in parts}
+
+
+def write_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """A ``.safetensors`` file written tensor by tensor (``safetensors.torch.save_file`` first copies every
+    tensor into memory, which doubles a full-size SDXL's footprint), atomically (temporary, then rename)."""
+    from hgdpo.fileio import atomic_path
+
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for key, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        for tensor in state.values():
+            handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return Path(path)
+
+
+def save_full_size_single_file(path: str | Path, dtype: torch.dtype = torch.float16, seed: int = 0,
+                               prediction: Prediction | None = None) -> Path:
+    """The full SDXL base architecture with random weights as a Civitai-style single file (SGM keys, ``dtype``).
+
+    ``prediction`` v-prediction adds NoobAI's ``v_pred`` marker (and ``ztsnr`` with zero terminal SNR), by which
+    ComfyUI and the WebUIs pick the v-prediction sampling. About 7 GB at fp16; run it under the full-size lock.
+    """
+    models = build_full_size_models(dtype, seed)
+    state = {key: value.to(dtype) if value.is_floating_point() else value
+             for key, value in to_ldm_state_dict(models).items()}
+    if prediction is not None and prediction.type == "v_prediction":
+        state["v_pred"] = V_PREDICTION_MARKERS["v_pred"]
+        if prediction.zero_terminal_snr:
+            state["ztsnr"] = V_PREDICTION_MARKERS["ztsnr"]
+    return write_safetensors(state, path, {"format": "pt"})
+
+
+def save_random_lora(unet: nn.Module, path: str | Path, *, text_encoders: tuple[nn.Module, ...] = (), rank: int = 4,
+                     std: float = 0.02, seed: int = 0, targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+                     text_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")) -> Path:
+    """A random SDXL LoRA as the trainer writes it: peft-named weights of the ``targets`` linears through
+    :func:`hgdpo.models.lora.save_kohya_lora` with :meth:`SDXL.kohya_unet_names` and SDXL's metadata; with
+    ``text_encoders`` (CLIP-L, bigG) also ``lora_te1_``/``lora_te2_`` modules of their ``text_targets``."""
+    from safetensors.torch import load_file, save_file
+
+    from hgdpo.fileio import atomic_path
+    from hgdpo.models.lora import kohya_metadata, save_kohya_lora
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def pair(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        down = torch.randn(rank, module.in_features, generator=generator) * std
+        return down, torch.randn(module.out_features, rank, generator=generator) * std
+
+    state: dict[str, torch.Tensor] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Linear) and name.endswith(targets):
+            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = pair(module)
+    metadata = kohya_metadata(rank=rank, alpha=float(rank), title=Path(path).stem, resolution=(1024, 1024),
+                              base_model="random", base_model_hash=None, training={}, hgdpo={"loss": "hgdpo"},
+                              family=SDXL)
+    path = save_kohya_lora(path, state, float(rank), metadata, dtype=torch.float16,
+                           names=SDXL.kohya_unet_names(unet))
+    if text_encoders:
+        tensors = load_file(str(path))
+        for name, module in SDXL.kohya_text_encoder_layers(text_encoders).items():
+            if name.endswith(text_targets):
+                down, up = pair(module)
+                tensors.update({f"{name}.lora_down.weight": down.half(), f"{name}.lora_up.weight": up.half(),
+                                f"{name}.alpha": torch.tensor(float(rank))})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def meta_models(parts: tuple[str, ...] = FULL_SIZE_PARTS) -> dict[str, nn.Module]:
+    """The full-size SDXL parts on the meta device: their structure (layer names and shapes) without weights."""
+    configs = full_size_configs()
+    return {name: _meta_model(name, configs[name]) for name in parts}
 
 
 def save_config_folder(configs: dict[str, dict], path: str | Path) -> Path:

@@ -4,12 +4,17 @@ Run with the python that has ComfyUI's requirements and ``HGDPO_COMFYUI_DIR`` se
 ``tests/test_comfyui_support.py``); skipped otherwise. The model is a random-weight SD1.5 that ComfyUI
 detects as SD15 (full CLIP-L and VAE, a two-level UNet), saved as a single file; the LoRA is written by
 hgdpo's kohya writer with random weights. Everything runs on the CPU at 64x64 pixels.
+
+The SDXL tests (``test_sdxl_*``) need a full-size SDXL single file (``HGDPO_SDXL_CHECKPOINT``; see
+``tests/test_comfyui_support.py``) and are skipped without it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import gc
 import importlib.util
 import logging
 import sys
@@ -39,6 +44,7 @@ def comfy(tmp_path_factory, tiny_clip_dirs):
     base = support.comfy_base(tmp_path_factory.mktemp("comfy-base"), checkpoint, lora, tiny_clip_dirs)
     support.save_sdxl_lora(base / "models/loras/sdxl_lora.safetensors")
     support.save_sd2_shaped_lora(base / "models/loras/sd2_lora.safetensors")
+    support.save_unknown_module_lora(base / "models/loras/unknown_module_lora.safetensors")
     support.save_slim_sd2_unet(base / "models/diffusion_models/sd2_unet.safetensors")
 
     sys.path.insert(0, str(path))
@@ -160,10 +166,12 @@ def test_lora_node_refuses_loras_of_other_architectures(comfy):
     from hgdpo.models.lora_runtime import LoRAArchitectureError
 
     loader = comfy.node["HGDPOLoraLoader"]
-    with pytest.raises(LoRAArchitectureError, match="SDXL"):
+    with pytest.raises(LoRAArchitectureError, match="is an SDXL LoRA, but the model is an SD1.5 model"):
         loader.execute(model=comfy.model, lora_name="sdxl_lora.safetensors", strength=0.5)
-    with pytest.raises(ValueError, match="does not fit this SD15 model.*1024"):
+    with pytest.raises(LoRAArchitectureError, match="made for SD2.x"):  # by its 1024-wide cross-attention
         loader.execute(model=comfy.model, lora_name="sd2_lora.safetensors", strength=0.5)
+    with pytest.raises(ValueError, match="does not fit this SD15 model: 1 of 1 UNet modules are unknown to it"):
+        loader.execute(model=comfy.model, lora_name="unknown_module_lora.safetensors", strength=0.5)
 
 
 # --------------------------------------------------------------------------- LAN
@@ -453,3 +461,205 @@ def test_best_of_n_refuses_an_empty_batch(comfy):
         model=support.PICKSCORE_MODEL, processor=support.PICKSCORE_PROCESSOR, precision="fp32").args[0]
     with pytest.raises(ValueError, match="empty batch"):
         comfy.node["HGDPOPickScoreBestOfN"].execute(pickscore=pickscore, images=torch.zeros(0, 48, 48, 3), prompt="x")
+
+
+# --------------------------------------------------------------------------- SDXL (full-size random checkpoint)
+
+SDXL_SAMPLERS = [("dpmpp_2m", "karras"), ("euler_ancestral", "normal")]
+
+
+@contextlib.contextmanager
+def fp16_unet():
+    """ComfyUI's ``--fp16-unet`` while a checkpoint loads: the UNet is stored in fp16 (computed in fp32 on the
+    CPU, ComfyUI's manual cast), half the RAM of ComfyUI's CPU default (fp32)."""
+    from comfy.cli_args import args
+
+    previous, args.fp16_unet = args.fp16_unet, True
+    try:
+        yield
+    finally:
+        args.fp16_unet = previous
+
+
+def load_sdxl_unet(comfy, path):
+    """A second copy of an SDXL checkpoint's UNet (its own weights), as a second checkpoint loader gives."""
+    with fp16_unet():
+        return comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+
+
+def free(comfy) -> None:
+    """Unload the models and collect the ones no longer referenced (RAM: a full SDXL UNet is 5 GB in fp16)."""
+    comfy.mm.unload_all_models()
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def sdxl(comfy):
+    """The full-size random SDXL base (``HGDPO_SDXL_CHECKPOINT``) through CheckpointLoaderSimple (fp16 UNet), its
+    conditioning, the two SDXL LoRAs of :func:`support.write_sdxl_loras` and the HG-DPO LoRA node's DPO model;
+    the same attributes as ``comfy``, so the helpers above run on it. Sampled at 64x64 pixels (8x8 latents)."""
+    checkpoint = support.sdxl_checkpoint()
+    link = comfy.base / "models" / "checkpoints" / support.SDXL_CHECKPOINT
+    if not link.exists():
+        link.symlink_to(checkpoint)
+    support.write_sdxl_loras(comfy.base / "models" / "loras")
+    with fp16_unet():
+        model, clip, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(support.SDXL_CHECKPOINT)[:3]
+    encode = comfy.nodes.CLIPTextEncode().encode
+    dpo = comfy.node["HGDPOLoraLoader"].execute(model=model, lora_name=support.SDXL_LORA, strength=0.5).args[0]
+    env = SimpleNamespace(**{**vars(comfy), "model": model, "clip": clip, "vae": vae, "dpo": dpo,
+                             "positive": encode(clip, "a woman singing on the stage, photo")[0],
+                             "negative": encode(clip, "lowres, bad anatomy")[0],
+                             "latent": comfy.nodes.EmptyLatentImage().generate(64, 64, 1)[0], "checkpoint": checkpoint})
+    yield env
+    del env, model, clip, vae, dpo
+    free(comfy)
+
+
+def lora_modules(path) -> set[str]:
+    """The module names of a kohya LoRA file (``lora_unet_input_blocks_4_1_..._to_q``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in handle.keys()}  # noqa: SIM118
+
+
+def assert_no_lora_key_warnings(text: str) -> None:
+    assert "lora key not loaded" not in text and "NOT LOADED" not in text, text[-3000:]
+
+
+def test_sdxl_checkpoint_loads_as_sdxl_with_pooled_and_size_conditioning(sdxl, comfy):
+    internals = pack_internals(comfy)
+    from hgdpo.models.families import SD15, SDXL
+
+    assert internals.model_family(sdxl.model) == ("SDXL", 4)
+    assert internals.core_family(sdxl.model) is SDXL and internals.core_family(comfy.model) is SD15
+    assert sdxl.model.model.model_type.name == "EPS"
+    assert internals.compute_dtype(sdxl.model) == torch.float32  # fp16 weights, computed in fp32 on the CPU
+    context, extra = sdxl.positive[0]
+    assert context.shape[-1] == 2048 and extra["pooled_output"].shape == (1, 1280)
+    assert torch.isfinite(context).all() and context.std() > 0.1
+
+
+@pytest.mark.parametrize("lora_name", [support.SDXL_LORA, support.SDXL_TE_LORA])
+def test_sdxl_loras_written_by_hgdpo_load_in_comfyui_with_zero_unmatched_keys(sdxl, comfy, caplog, lora_name):
+    """ComfyUI's own key maps know every module of the SDXL LoRAs hgdpo writes (UNet: kohya's SGM names;
+    text encoders: lora_te1_/lora_te2_), and the HG-DPO LoRA node patches each one, with no warning."""
+    import comfy.lora as comfy_lora
+    import comfy.lora_convert as comfy_lora_convert
+
+    path = comfy.base / "models" / "loras" / lora_name
+    modules = lora_modules(path)
+    unet_modules = {name for name in modules if name.startswith("lora_unet_")}
+    key_map = comfy_lora.model_lora_keys_unet(sdxl.model.model, {})
+    comfy_lora.model_lora_keys_clip(sdxl.clip.cond_stage_model, key_map)
+    assert modules - set(key_map) == set()
+    state_dict = comfy.utils.load_torch_file(str(path), safe_load=True)
+    with caplog.at_level(logging.WARNING):
+        patches = comfy_lora.load_lora(comfy_lora_convert.convert_lora(state_dict), key_map)
+        dpo, dpo_clip = comfy.node["HGDPOLoraLoader"].execute(model=sdxl.model, lora_name=lora_name, strength=0.5,
+                                                              clip=sdxl.clip).args
+        unet_only = comfy.node["HGDPOLoraLoader"].execute(model=sdxl.model, lora_name=lora_name,
+                                                          strength=0.5).args[0]
+    assert_no_lora_key_warnings(caplog.text)
+    assert len(patches) == len(modules)
+    assert len(dpo.patches) == len(unet_modules) == len(unet_only.patches) == 70 * 2 * 4
+    assert len(dpo_clip.patcher.patches) == len(modules) - len(unet_modules)
+    if lora_name == support.SDXL_TE_LORA:  # both text encoders: CLIP-L's 12 and bigG's 32 layers, 4 linears each
+        assert len(dpo_clip.patcher.patches) == (12 + 32) * 4
+        prefixes = {key.split(".")[0] for key in dpo_clip.patcher.patches}
+        assert prefixes == {"clip_l", "clip_g"}
+    print(f"{lora_name}: {len(modules)} modules, {len(modules - set(key_map))} unmatched")
+
+
+def test_sdxl_lora_node_refuses_a_lora_of_the_other_family_before_sampling(sdxl, comfy):
+    from hgdpo.models.lora_runtime import LoRAArchitectureError
+
+    progress = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, *rest, **kwargs: progress.append(value))
+    loader = comfy.node["HGDPOLoraLoader"]
+    try:
+        with pytest.raises(LoRAArchitectureError, match="is an SD1.5 LoRA, but the model is an SDXL model"):
+            loader.execute(model=sdxl.model, lora_name=support.LORA, strength=0.5)
+        with pytest.raises(LoRAArchitectureError, match="is an SDXL LoRA, but the model is an SD1.5 model"):
+            loader.execute(model=comfy.model, lora_name=support.SDXL_LORA, strength=0.5, clip=comfy.clip)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert progress == [] and not sdxl.model.patches and not comfy.model.patches
+
+
+@pytest.mark.parametrize(("sampler", "scheduler"), SDXL_SAMPLERS)
+def test_sdxl_lan_guider_matches_statistics_after_every_step_and_keeps_the_stock_sft_chain(sdxl, sampler, scheduler):
+    """SDXL conditioning (cross-attention context, pooled ``y`` with the size conditioning) through both
+    lockstep halves: the DPO half takes the SFT half's channel statistics at every evaluation, the SFT half is
+    the stock SDXL sampler's result, and the LoRA changes the DPO result."""
+    steps, batch = 3, sdxl.latent["samples"].shape[0]
+    guider = sdxl.node["HGDPOLANGuider"].execute(model=sdxl.dpo, sft_model=sdxl.model, positive=sdxl.positive,
+                                                 negative=sdxl.negative, cfg=6.0, lan_strength=1.0).args[0]
+    states = []
+    sigmas = sdxl.custom.BasicScheduler().get_sigmas(sdxl.model, scheduler, steps, 1.0)[0]
+    noise = sdxl.custom.RandomNoise().get_noise(3)[0]
+    output = sdxl.custom.SamplerCustomAdvanced().sample(noise, guider, recording_sampler(sdxl, sampler, states),
+                                                        sigmas, sdxl.latent)[0]
+    assert len(states) >= steps - 1 and all(state.shape[0] == 2 * batch for state in states)
+    for state in states:
+        assert_same_statistics(state[batch:], state[:batch])
+    dpo, sft = output["samples"], guider.sft_samples
+    assert dpo.shape == sdxl.latent["samples"].shape == (1, 4, 8, 8)
+    assert_same_statistics(dpo, sft)
+    stock = sdxl.custom.SamplerCustomAdvanced().sample(
+        noise, sdxl.custom.CFGGuider().get_guider(sdxl.model, sdxl.positive, sdxl.negative, 6.0)[0],
+        sdxl.samplers.sampler_object(sampler), sigmas, sdxl.latent)[0]["samples"]
+    assert relative(sft, stock) < 1e-4
+    assert relative(dpo, sft) > 1e-2
+
+
+def test_sdxl_lan_refuses_mixing_an_sd15_and_an_sdxl_model_before_sampling(sdxl, comfy):
+    progress = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, *rest, **kwargs: progress.append(value))
+    try:
+        with pytest.raises(ValueError, match=r"DPO model \('model'\) is SDXL with 4 latent channels, the SFT model "
+                                             r"\('sft_model'\) is SD15 with 4"):
+            lan_ksampler(sdxl, sft_model=comfy.model, steps=2)
+        with pytest.raises(ValueError, match=r"DPO model \('model'\) is SD15 .* SFT model \('sft_model'\) is SDXL"):
+            comfy.node["HGDPOLANGuider"].execute(model=comfy.dpo, sft_model=sdxl.model, positive=comfy.positive,
+                                                 negative=comfy.negative, cfg=5.0, lan_strength=1.0)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert progress == []
+
+
+def test_sdxl_shared_weights_path_equals_two_checkpoints_and_its_sft_half_is_stock_sampling(sdxl, comfy):
+    """LAN KSampler on SDXL: DPO = SFT + HG-DPO LoRA from one loader (one UNet, the LoRA per row) gives the
+    result of the DPO loaded as its own checkpoint (the LoRA merged by ComfyUI into fp16 weights, two UNets in
+    lockstep, each given its rows of ``y`` and the context); the SFT half is the stock KSampler's."""
+    shared, shared_sft = lan_ksampler(sdxl, steps=3)
+    assert_same_statistics(shared, shared_sft)
+    torch.testing.assert_close(shared_sft, ksampler(sdxl, sdxl.model, steps=3), rtol=1e-4, atol=1e-3)
+    second = load_sdxl_unet(sdxl, sdxl.checkpoint)
+    dpo = sdxl.node["HGDPOLoraLoader"].execute(model=second, lora_name=support.SDXL_LORA, strength=0.5).args[0]
+    separate, separate_sft = lan_ksampler(sdxl, model=dpo, steps=3)
+    del second, dpo
+    free(comfy)
+    torch.testing.assert_close(separate_sft, shared_sft)
+    # the merged weights are rounded to fp16 (the shared path adds the LoRA in fp32): agreement to ~1e-3
+    assert relative(separate, shared) < 5e-3
+    assert relative(shared, shared_sft) > 5e-2
+
+
+def test_sdxl_v_prediction_checkpoint_samples_with_lan(sdxl, comfy):
+    """A NoobAI-style v-prediction SDXL (``v_pred`` and ``ztsnr`` markers): ComfyUI samples it as V_PREDICTION
+    with zero terminal SNR, the HG-DPO LoRA loads on it and LAN keeps the stock SFT chain."""
+    path = support.sdxl_checkpoint(support.SDXL_VPRED_VARIABLE)
+    vpred = load_sdxl_unet(sdxl, path)
+    prediction = vpred.model.model_type.name, vpred.model.model_config.sampling_settings.get("zsnr")
+    dpo = sdxl.node["HGDPOLoraLoader"].execute(model=vpred, lora_name=support.SDXL_LORA, strength=0.5).args[0]
+    lan, sft = lan_ksampler(sdxl, model=dpo, sft_model=vpred, sampler="euler", scheduler="normal", steps=3)
+    stock = ksampler(sdxl, vpred, "euler", "normal", steps=3)
+    del vpred, dpo
+    free(comfy)
+    assert prediction == ("V_PREDICTION", True)
+    assert torch.isfinite(lan).all()
+    assert_same_statistics(lan, sft)
+    torch.testing.assert_close(sft, stock, rtol=1e-4, atol=1e-3)
+    assert relative(lan, sft) > 1e-2

@@ -9,6 +9,7 @@ workflows are posted at 64x64 pixels and 3 steps. Skipped without ``HGDPO_COMFYU
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -101,23 +102,16 @@ def load_latent(path: Path) -> torch.Tensor:
     return load_file(str(path))["latent_tensor"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_clip_dirs):
-    from hgdpo.models.tiny import sd15_configs
-
+@contextlib.contextmanager
+def running_server(base: Path, *extra_args: str):
+    """A ComfyUI server (``main.py --cpu``, 127.0.0.1, a free port) on ``base``, stopped afterwards."""
     path, python = support.comfy_dir(), support.comfy_python()
-    assets = tmp_path_factory.mktemp("comfy-e2e-assets")
-    checkpoint, lora = support.write_checkpoint(assets, sd15_configs())
-    support.assert_finite_file(checkpoint)
-    base = support.comfy_base(tmp_path_factory.mktemp("comfy-e2e-base"), checkpoint, lora, tiny_clip_dirs)
-    support.save_sdxl_lora(base / "models/loras/sdxl_lora.safetensors")
-    support.save_slim_sd2_unet(base / "models/diffusion_models/sd2_unet.safetensors")
     port = _free_port()
     log = base / "comfyui.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [python, str(path / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
-               "--preview-method", "latent2rgb"]
+               "--preview-method", "latent2rgb", *extra_args]
     with log.open("w") as handle:
         process = subprocess.Popen(command, cwd=base, stdout=handle, stderr=subprocess.STDOUT, env=env)
     client = Client(f"http://127.0.0.1:{port}", log, base, process)
@@ -138,6 +132,36 @@ def server(tmp_path_factory, tiny_clip_dirs):
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_clip_dirs):
+    from hgdpo.models.tiny import sd15_configs
+
+    support.comfy_dir()  # skips here, before building anything, without a ComfyUI
+    assets = tmp_path_factory.mktemp("comfy-e2e-assets")
+    checkpoint, lora = support.write_checkpoint(assets, sd15_configs())
+    support.assert_finite_file(checkpoint)
+    base = support.comfy_base(tmp_path_factory.mktemp("comfy-e2e-base"), checkpoint, lora, tiny_clip_dirs)
+    support.save_sdxl_lora(base / "models/loras/sdxl_lora.safetensors")
+    support.save_slim_sd2_unet(base / "models/diffusion_models/sd2_unet.safetensors")
+    with running_server(base) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdxl_server(server, tmp_path_factory):
+    """A second server for the SDXL workflows: the full-size random SDXL (``HGDPO_SDXL_CHECKPOINT``) as
+    ``sd_xl_base_1.0.safetensors``, hgdpo-written SDXL LoRAs and the SD1.5 one, ``--fp16-unet`` (half the RAM of
+    ComfyUI's fp32 default on the CPU). The SD1.5 server gives back its models first (``/free``)."""
+    checkpoint = support.sdxl_checkpoint()
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    base = support.comfy_base(tmp_path_factory.mktemp("comfy-e2e-sdxl-base"))
+    (base / "models/checkpoints" / support.SDXL_CHECKPOINT).symlink_to(checkpoint)
+    (base / "models/loras" / support.LORA).symlink_to(server.base / "models/loras" / support.LORA)
+    support.write_sdxl_loras(base / "models/loras")
+    with running_server(base, "--fp16-unet") as client:
+        yield client
 
 
 def test_server_loads_the_pack_and_serves_the_example_workflows(server):
@@ -193,8 +217,8 @@ def test_comfyui_frontend_loads_the_ui_workflows_into_their_api_twins(server):
             browser.close()
 
 
-@pytest.mark.parametrize("name", sorted(support.api_workflows()))
-def test_example_workflows_run(server, name):
+def run_example(client: Client, name: str) -> None:
+    """Post the example workflow ``name`` at 64x64 and 3 steps; check its images, and for LAN both chains' latents."""
     prompt = support.small(support.api_workflows()[name])
     lan = [key for key, node in prompt.items() if node["class_type"] == "HGDPOLANKSampler"]
     for key in lan:  # also keep both chains' latents, to check LAN's statistics
@@ -206,9 +230,9 @@ def test_example_workflows_run(server, name):
             "class_type": "SaveLatent",
             "inputs": {"samples": [key, 1], "filename_prefix": f"latents/{name}_sft"},
         }
-    entry = server.run(prompt)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.log_tail()
-    images = saved_images(server, entry)
+    entry = client.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + client.log_tail()
+    images = saved_images(client, entry)
     assert images and all(path.is_file() for path in images)
     import numpy as np
     from PIL import Image
@@ -222,15 +246,24 @@ def test_example_workflows_run(server, name):
         scores = [output for output in entry["outputs"].values() if "text" in output]
         assert scores and len(scores[0]["text"][0].splitlines()) == batch
     for key in lan:
-        (dpo_file,) = (server.base / "output" / "latents").glob(f"{name}_dpo_*.latent")
-        (sft_file,) = (server.base / "output" / "latents").glob(f"{name}_sft_*.latent")
+        (dpo_file,) = (client.base / "output" / "latents").glob(f"{name}_dpo_*.latent")
+        (sft_file,) = (client.base / "output" / "latents").glob(f"{name}_sft_*.latent")
         dpo, sft = load_latent(dpo_file), load_latent(sft_file)
         scale = sft.std(dim=(2, 3)).max().item()
         torch.testing.assert_close(dpo.mean(dim=(2, 3)), sft.mean(dim=(2, 3)), atol=1e-4 * scale, rtol=0)
         torch.testing.assert_close(dpo.std(dim=(2, 3)), sft.std(dim=(2, 3)), atol=1e-4 * scale, rtol=1e-5)
         assert (dpo - sft).abs().max() > 1e-3 * sft.abs().max()  # the LoRA changed the structure
-    log = server.log_tail(10_000_000)
+    log = client.log_tail(10_000_000)
     assert "lora key not loaded" not in log and "NOT LOADED" not in log and "clip missing" not in log
+
+
+SD15_WORKFLOWS = sorted(name for name, prompt in support.api_workflows().items() if not support.is_sdxl_workflow(prompt))
+SDXL_WORKFLOWS = sorted(name for name, prompt in support.api_workflows().items() if support.is_sdxl_workflow(prompt))
+
+
+@pytest.mark.parametrize("name", SD15_WORKFLOWS)
+def test_example_workflows_run(server, name):
+    run_example(server, name)
 
 
 def test_bad_inputs_are_reported_and_the_server_keeps_running(server):
@@ -282,3 +315,29 @@ def test_interrupt_stops_lan_sampling(server):
     assert (
         server.run(support.small(support.api_workflows()["hgdpo_lora"], steps=2))["status"]["status_str"] == "success"
     )
+
+
+# --------------------------------------------------------------------------- SDXL (full-size random checkpoint)
+
+
+@pytest.mark.parametrize("name", SDXL_WORKFLOWS)
+def test_sdxl_example_workflows_run(sdxl_server, name):
+    """The SDXL template (checkpoint -> HG-DPO LoRA 0.5 -> LAN KSampler) on SDXL, at 64x64 and 3 steps."""
+    run_example(sdxl_server, name)
+    log = sdxl_server.log_tail(10_000_000)
+    assert "model_type EPS" in log and "SDXL" in log  # ComfyUI loaded it as SDXL
+
+
+def test_sdxl_bad_inputs_are_reported_and_the_server_keeps_running(sdxl_server):
+    (name,) = SDXL_WORKFLOWS
+    prompt = support.small(support.api_workflows()[name], steps=2)
+    prompt["2"]["inputs"]["lora_name"] = support.LORA  # an SD1.5 HG-DPO LoRA on the SDXL checkpoint
+    error = error_of(sdxl_server.run(prompt))
+    assert error["node_type"] == "HGDPOLoraLoader"
+    assert "is an SD1.5 LoRA, but the model is an SDXL model" in error["exception_message"]
+    prompt["2"]["inputs"]["lora_name"] = support.SDXL_TE_LORA  # UNet + both text encoders, through CLIP
+    prompt["2"]["inputs"]["strength"] = 0.45  # not cached
+    entry = sdxl_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    log = sdxl_server.log_tail(10_000_000)
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log

@@ -10,6 +10,13 @@ environment variable and are skipped, with that reason, without it::
 * ``HGDPO_COMFYUI_PYTHON``: the interpreter with ComfyUI's requirements (and hgdpo's) that runs the server
   (default: the one running pytest). The node-level tests import ComfyUI into the test process, so run
   pytest itself with that interpreter.
+* ``HGDPO_SDXL_CHECKPOINT`` (optional): a full-size SDXL base single file with random weights, for the SDXL
+  tests (skipped without it). ComfyUI detects SDXL from the real shapes, so a tiny SDXL does not load; make
+  it once (about 7 GB, 80 s, 7 GB of RAM) with ``python -c "from tests.sdxl_factory import
+  save_full_size_single_file as s; s('sdxl-full-random.safetensors')"``. ``HGDPO_SDXL_VPRED_CHECKPOINT``
+  (optional): the same with NoobAI's v-prediction markers (``prediction=Prediction('v_prediction', True)``).
+  The SDXL tests load the UNet in fp16 (``--fp16-unet``; ComfyUI computes in fp32 on the CPU), at most two
+  at a time: about 14 GB of RAM.
 
 Nothing here writes into the ComfyUI folder: every test gets its own ``--base-directory`` (models,
 custom_nodes with this repository linked in, input, output, user).
@@ -33,6 +40,11 @@ PYTHON_VARIABLE = "HGDPO_COMFYUI_PYTHON"
 PACK_NAME = "hgdpo"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 LORA = "hgdpo_lora.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+SDXL_LORA = "hgdpo_sdxl_lora.safetensors"
+SDXL_TE_LORA = "hgdpo_sdxl_te_lora.safetensors"
+SDXL_VARIABLE = "HGDPO_SDXL_CHECKPOINT"
+SDXL_VPRED_VARIABLE = "HGDPO_SDXL_VPRED_CHECKPOINT"
 PICKSCORE_MODEL = "PickScore_v1"
 PICKSCORE_PROCESSOR = "CLIP-ViT-H-14-laion2B-s32B-b79K"
 NODE_IDS = ("HGDPOLoraLoader", "HGDPOLANGuider", "HGDPOLANKSampler", "HGDPOPickScoreLoader", "HGDPOPickScoreBestOfN")
@@ -61,6 +73,20 @@ def comfy_version(path: Path) -> str:
         if line.startswith("__version__"):
             return line.split("=", 1)[1].strip().strip("\"'")
     return "unknown"
+
+
+def sdxl_checkpoint(variable: str = SDXL_VARIABLE) -> Path:
+    """The full-size SDXL file an environment variable names, or a pytest skip that says how to make one."""
+    value = os.environ.get(variable)
+    if not value or not Path(value).is_file():
+        pytest.skip(f"SDXL host tests need a full-size SDXL single file: set {variable} (see "
+                    "tests/test_comfyui_support.py; tests.sdxl_factory.save_full_size_single_file writes one).")
+    return Path(value).resolve()
+
+
+def is_sdxl_workflow(prompt: dict) -> bool:
+    """An API prompt that loads the SDXL checkpoint (it runs only where an SDXL file is given)."""
+    return any(node["inputs"].get("ckpt_name") == SDXL_CHECKPOINT for node in prompt.values())
 
 
 # --------------------------------------------------------------------------- models
@@ -121,6 +147,18 @@ def save_slim_sd2_unet(path: Path) -> Path:
     return path
 
 
+def write_sdxl_loras(loras: Path, seed: int = 1) -> tuple[Path, Path]:
+    """Two random SDXL LoRAs for the full-size architecture, written by hgdpo's kohya writer with SDXL's names:
+    UNet only (``SDXL_LORA``, what the trainer writes) and UNet + ``lora_te1_``/``lora_te2_`` (``SDXL_TE_LORA``)."""
+    from tests import sdxl_factory
+
+    meta = sdxl_factory.meta_models(("unet", "text_encoder", "text_encoder_2"))
+    unet_only = sdxl_factory.save_random_lora(meta["unet"], loras / SDXL_LORA, std=0.05, seed=seed)
+    with_text = sdxl_factory.save_random_lora(meta["unet"], loras / SDXL_TE_LORA, std=0.05, seed=seed + 1,
+                                              text_encoders=(meta["text_encoder"], meta["text_encoder_2"]))
+    return unet_only, with_text
+
+
 def save_sdxl_lora(path: Path) -> Path:
     """A kohya LoRA of SDXL (two text encoders: ``lora_te1_`` / ``lora_te2_``)."""
     from safetensors.torch import save_file
@@ -145,6 +183,16 @@ def save_sd2_shaped_lora(path: Path) -> Path:
 
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     save_file({f"{name}.lora_down.weight": torch.zeros(4, 1024), f"{name}.lora_up.weight": torch.zeros(320, 4),
+               f"{name}.alpha": torch.tensor(4.0)}, str(path))
+    return path
+
+
+def save_unknown_module_lora(path: Path) -> Path:
+    """An SD1-named kohya LoRA of the full SD1.5 UNet's third level, which the two-level slim UNet lacks."""
+    from safetensors.torch import save_file
+
+    name = "lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 768), f"{name}.lora_up.weight": torch.zeros(1280, 4),
                f"{name}.alpha": torch.tensor(4.0)}, str(path))
     return path
 
