@@ -6,6 +6,7 @@ with less it is skipped, and the skip says so.
 """
 
 import gc
+import os
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,10 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def sdxl_file(tmp_path_factory):
+    """``HGDPO_SDXL_CHECKPOINT`` (the host tests' random full-size file) when set, else one written here (7 GB)."""
+    given = os.environ.get("HGDPO_SDXL_CHECKPOINT")
+    if given:
+        return Path(given)
     return sdxl_factory.save_full_size_single_file(tmp_path_factory.mktemp("sdxl") / "sdxl_random.safetensors")
 
 
