@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from hgdpo.models.families import ModelFamily
 from hgdpo.models.lora_runtime import LoRAArchitectureError, LoRAFile, read_lora
 
 SUFFIX = ".safetensors"
@@ -21,7 +22,7 @@ HASH_LENGTH = 12
 
 _lock = threading.Lock()
 _hashes: dict[tuple[str, int, int], str] = {}
-_loaded: dict[tuple[str, int, int], LoRAFile] = {}
+_loaded: dict[tuple, LoRAFile] = {}
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,10 @@ def resolve(name: str, folder: str | Path, lora_hash: str | None = None) -> LoRA
     )
 
 
-def _read_checked(path: Path) -> LoRAFile:
-    """The file read by :func:`hgdpo.models.lora_runtime.read_lora`, refused when it holds no UNet weights."""
-    lora = read_lora(path)
+def _read_checked(path: Path, family: ModelFamily | None) -> LoRAFile:
+    """The file read by :func:`hgdpo.models.lora_runtime.read_lora` (a LoRA of another family than ``family``,
+    when given, refused with one message), refused too when it holds no UNet weights."""
+    lora = read_lora(path, family)
     if not lora.unet:
         raise LoRAArchitectureError(
             f"{path} holds no UNet weights (only {len(lora.text_encoder)} text-encoder modules); an HG-DPO LoRA "
@@ -122,19 +124,20 @@ def _read_checked(path: Path) -> LoRAFile:
     return lora
 
 
-def load(path: str | Path) -> LoRAFile:
+def load(path: str | Path, family: ModelFamily | None = None) -> LoRAFile:
     """The LoRA read by :func:`hgdpo.models.lora_runtime.read_lora`, cached while the file is unchanged.
 
-    Raises ``LoRAArchitectureError`` (SDXL, SD2, LyCORIS, ...) or ``ValueError`` with the file named.
+    Raises ``LoRAArchitectureError`` (a LoRA of another family than ``family``, SD2, LyCORIS, ...) or
+    ``ValueError`` with the file named.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"HG-DPO LoRA file {path} not found.")
-    key = _key(path)
+    key = (*_key(path), getattr(family, "name", None))
     with _lock:
         if key in _loaded:
             return _loaded[key]
-    lora = _read_checked(path)
+    lora = _read_checked(path, family)
     with _lock:
         _loaded.clear()  # keep one LoRA in memory
         _loaded[key] = lora
@@ -143,36 +146,40 @@ def load(path: str | Path) -> LoRAFile:
 
 @dataclass(frozen=True)
 class LoRASummary:
-    """What the status route reports of one file: its short hash, ``hgdpo.*`` metadata, or why it cannot be used."""
+    """What the status route reports of one file: its short hash, ``hgdpo.*`` metadata and model family
+    (``SD1.5``/``SDXL``), or why it cannot be used."""
 
     hash: str | None
     hgdpo: dict[str, str]
     problem: str | None
+    family: str | None
 
 
-_summaries: dict[tuple[str, int, int], LoRASummary] = {}
+_summaries: dict[tuple, LoRASummary] = {}
 
 
-def _summarize(path: Path) -> LoRASummary:
+def _summarize(path: Path, family: ModelFamily | None) -> LoRASummary:
     try:
         digest = short_hash(path)
     except OSError as error:
-        return LoRASummary(None, {}, str(error))
+        return LoRASummary(None, {}, str(error), None)
     try:
-        return LoRASummary(digest, hgdpo_metadata(_read_checked(path)), None)  # not load(): keeps its cache
+        lora = _read_checked(path, family)  # not load(): keeps its cache
     except (LoRAArchitectureError, ValueError, OSError) as error:
-        return LoRASummary(digest, {}, str(error))
+        return LoRASummary(digest, {}, str(error), None)
+    return LoRASummary(digest, hgdpo_metadata(lora), None, lora.family.label)
 
 
-def summaries(entries: list[LoRAEntry]) -> list[LoRASummary]:
-    """A summary of each entry, read once per file version (cached by path, size and mtime).
+def summaries(entries: list[LoRAEntry], family: ModelFamily | None = None) -> list[LoRASummary]:
+    """A summary of each entry for a model of ``family`` (a LoRA of the other family has a problem; None: any
+    family), read once per file version (cached by path, size, mtime and family).
 
     The cache keeps only the files of the latest call, so it holds one entry per file of the Lora folder.
     """
     keyed = []
     for entry in entries:
         try:
-            keyed.append((_key(entry.path), entry.path))
+            keyed.append(((*_key(entry.path), getattr(family, "name", None)), entry.path))
         except OSError:  # vanished since it was listed
             keyed.append((None, entry.path))
     with _lock:
@@ -180,10 +187,10 @@ def summaries(entries: list[LoRAEntry]) -> list[LoRASummary]:
     result = []
     for key, path in keyed:
         if key is None:
-            result.append(LoRASummary(None, {}, f"HG-DPO LoRA file {path} not found."))
+            result.append(LoRASummary(None, {}, f"HG-DPO LoRA file {path} not found.", None))
             continue
         if key not in known:
-            known[key] = _summarize(path)
+            known[key] = _summarize(path, family)
         result.append(known[key])
     with _lock:
         _summaries.clear()

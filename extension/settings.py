@@ -16,6 +16,7 @@ from typing import Any
 
 from hgdpo.inference.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY
 from hgdpo.inference.infotext import format_score  # noqa: F401 - the score text the extension writes, as the CLI
+from hgdpo.models.families import SD15, SDXL, ModelFamily
 
 SCRIPT_TITLE = "HG-DPO"
 LAN_SUFFIX = " (HG-DPO LAN)"
@@ -180,23 +181,40 @@ def from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
     return result
 
 
-_FAMILIES = (("is_sdxl", "SDXL"), ("is_sd3", "SD3"), ("is_sd2", "SD2.x"), ("is_ssd", "SSD-1B"))
+_REFUSED_FLAGS = (("is_sd3", "SD3"), ("is_ssd", "SSD-1B (an SDXL distillation without the middle block's attention)"),
+                  ("is_sd2", "SD2.x"))
+"""Flags the WebUIs set on a loaded model of a family the LAN samplers refuse (A1111 sets ``is_ssd`` next to
+``is_sdxl``, so these are read first)."""
+SDXL_CONTEXT_WIDTH = 2048
+"""Cross-attention context width of the SDXL base family (CLIP-L 768 + OpenCLIP bigG 1280); the refiner has 1280."""
+_FAMILY_FLAGS = (("is_sdxl", SDXL), ("is_sd1", SD15))
 
 
-def model_family_problem(model: Any, title: str = "the loaded checkpoint") -> str | None:
-    """Why the LAN samplers cannot run on the WebUI's ``sd_model`` (not SD1.x), or None.
+def model_family_problem(model: Any, title: str = "the loaded checkpoint", context_width: int | None = None) -> str | None:
+    """Why the LAN samplers cannot run on the WebUI's ``sd_model`` (not SD1.x or SDXL base), or None.
 
-    A1111 and Forge both flag the loaded model with ``is_sd1``/``is_sd2``/``is_sdxl``/``is_sd3``; Forge's
-    Flux and Chroma engines set none of them.
+    A1111 and Forge both flag the loaded model with ``is_sd1``/``is_sd2``/``is_sdxl``/``is_sd3`` (A1111 also
+    ``is_ssd``); Forge's Flux and Chroma engines set none of them. The SDXL refiner is flagged ``is_sdxl``
+    too: ``context_width`` (its UNet's cross-attention width, :data:`SDXL_CONTEXT_WIDTH` for SDXL base,
+    Pony, Illustrious and NoobAI) tells it apart.
     """
     if model is None:
-        return "No checkpoint is loaded; the HG-DPO LAN samplers need an SD1.5-family checkpoint."
-    if getattr(model, "is_sd1", False) is True:
+        return "No checkpoint is loaded; the HG-DPO LAN samplers need an SD1.5- or SDXL-family checkpoint."
+    refused = next((name for attribute, name in _REFUSED_FLAGS if getattr(model, attribute, False) is True), None)
+    family = model_family(model)
+    if refused is None and family is SDXL and context_width not in (None, SDXL_CONTEXT_WIDTH):
+        refused = f"an SDXL refiner (cross-attention width {context_width}, not {SDXL_CONTEXT_WIDTH})"
+    if refused is None and family is not None:
         return None
-    family = next((name for attribute, name in _FAMILIES if getattr(model, attribute, False) is True), None)
-    family = family or f"not an SD1.x model ({type(model).__name__})"
-    return (f"The HG-DPO LAN samplers need an SD1.5-family checkpoint, but {title} is {family}. "
-            "Load an SD1.5 checkpoint, or choose a sampler without '(HG-DPO LAN)'.")
+    refused = refused or f"not an SD1.x or SDXL model ({type(model).__name__})"
+    return (f"The HG-DPO LAN samplers need an SD1.5- or SDXL-family checkpoint (SDXL base, Pony, Illustrious, "
+            f"NoobAI ...), but {title} is {refused}. Load such a checkpoint, or choose a sampler without "
+            "'(HG-DPO LAN)'.")
+
+
+def model_family(model: Any) -> ModelFamily | None:
+    """The family (:data:`hgdpo.models.families.SD15` or ``SDXL``) the WebUI's flags give ``model``, or None."""
+    return next((family for attribute, family in _FAMILY_FLAGS if getattr(model, attribute, False) is True), None)
 
 
 def raw_best_of(args: Sequence[Any]) -> int:

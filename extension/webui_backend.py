@@ -6,7 +6,11 @@
 UNet (LDM names)   ``sd_model.model.diffusion_model``           ``sd_model.forge_objects.unet.model.diffusion_model``
 CLIP text model    ``sd_model.cond_stage_model.wrapped``        ``sd_model.forge_objects.clip.cond_stage_model``
                    ``.transformer``                             ``.clip_l.transformer``
-Model family       ``is_sd1/is_sd2/is_sdxl/is_sd3``             the same flags on the engine (Flux has none set)
+SDXL CLIP-L        ``sd_model.conditioner.embedders[0]``        ``...cond_stage_model.clip_l.transformer``
+                   ``.wrapped.transformer``
+SDXL OpenCLIP      ``sd_model.conditioner.embedders[1]``        ``...cond_stage_model.clip_g.transformer``
+bigG               ``.wrapped.model`` (OpenCLIP names)          (a transformers ``CLIPTextModel``)
+Model family       ``is_sd1/is_sd2/is_sdxl/is_sd3`` (+``is_ssd``) the same flags on the engine (Flux has none set)
 Lora folder        ``cmd_opts.lora_dir``                        ``cmd_opts.lora_dir``
 API auth           the ``dependencies`` of its ``/sdapi/v1/txt2img`` route (``Api.auth`` under ``--api-auth``), in both
 =================  =========================================  =====================================================
@@ -27,7 +31,9 @@ from pathlib import Path
 from modules import paths, shared
 from torch import nn
 
-from . import best_of, settings
+from hgdpo.models.families import SDXL, ModelFamily
+
+from . import best_of, settings, text_encoder_lora
 
 IS_FORGE = importlib.util.find_spec("modules_forge") is not None
 API_ROUTE = "/sdapi/v1/txt2img"
@@ -96,9 +102,25 @@ def model_title(sd_model) -> str:
     return getattr(info, "title", None) or getattr(info, "name", None) or "the loaded checkpoint"
 
 
+def context_width(sd_model) -> int | None:
+    """The UNet's cross-attention context width (768 SD1.x, 2048 SDXL base, 1280 the SDXL refiner), or None."""
+    for name, module in unet(sd_model).named_modules():
+        if name.endswith("attn2.to_k"):
+            return getattr(module, "in_features", None)
+    return None
+
+
 def model_family_problem(sd_model) -> str | None:
-    """Why the LAN samplers cannot run on ``sd_model`` (not SD1.x), or None."""
-    return settings.model_family_problem(sd_model, model_title(sd_model))
+    """Why the LAN samplers cannot run on ``sd_model`` (not SD1.x or SDXL base), or None."""
+    if sd_model is None:
+        return settings.model_family_problem(None)
+    width = context_width(sd_model) if settings.model_family(sd_model) is SDXL else None
+    return settings.model_family_problem(sd_model, model_title(sd_model), width)
+
+
+def model_family(sd_model) -> ModelFamily:
+    """The loaded model's family, SD1.5 or SDXL (call :func:`model_family_problem` first)."""
+    return settings.model_family(sd_model)
 
 
 def unet(sd_model) -> nn.Module:
@@ -115,15 +137,30 @@ def unet_compute_dtype(sd_model):
     return None
 
 
-def text_encoder(sd_model) -> nn.Module | None:
-    """The transformers ``CLIPTextModel`` of an SD1.x model (None if none is found)."""
+def text_encoders(sd_model) -> list[tuple[nn.Module, str] | None]:
+    """The text encoders of the family's slots (SD1.x: CLIP-L; SDXL: CLIP-L, OpenCLIP bigG) as ``(module,
+    layout)`` pairs (layout ``"transformers"`` or ``"open_clip"``, :mod:`extension.text_encoder_lora`); None
+    for one not found."""
     if hasattr(sd_model, "forge_objects"):
         root = sd_model.forge_objects.clip.cond_stage_model
+        roots = [getattr(root, "clip_l", None), getattr(root, "clip_g", None)] if model_family(sd_model) is SDXL else [root]
+    elif model_family(sd_model) is SDXL:
+        roots = [getattr(embedder, "wrapped", embedder) for embedder in sd_model.conditioner.embedders]
     else:
-        root = sd_model.cond_stage_model
+        roots = [sd_model.cond_stage_model]
+    return [_text_encoder(root) for root in roots]
+
+
+def _text_encoder(root: nn.Module | None) -> tuple[nn.Module, str] | None:
+    """The transformers ``CLIPTextModel`` under ``root``, else its OpenCLIP text model (``transformer.resblocks``)."""
+    if root is None:
+        return None
     for module in root.modules():
         if type(module).__name__ == "CLIPTextModel":
-            return module
+            return module, text_encoder_lora.TRANSFORMERS
+    model = getattr(root, "model", None)
+    if model is not None and hasattr(getattr(model, "transformer", None), "resblocks"):
+        return model, text_encoder_lora.OPEN_CLIP
     return None
 
 

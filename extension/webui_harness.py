@@ -11,6 +11,9 @@ Nothing is fetched or installed. The WebUI is one the user already has, named by
     its Python (default: ``$HGDPO_WEBUI_DIR/venv/bin/python``, where ``webui.sh`` puts it).
 ``HGDPO_WEBUI_CKPT``
     an SD1.5-architecture checkpoint (``.safetensors``; random weights are fine for the tests).
+``HGDPO_WEBUI_SDXL_CKPT``
+    an SDXL-base-architecture checkpoint (optional; the SDXL host tests are skipped without it). The WebUIs
+    build SDXL from their fixed configs, so it must be full size (random weights are fine).
 ``HGDPO_WEBUI_ARGS``
     extra launch arguments (optional).
 
@@ -39,8 +42,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTED_LINE = "Startup time:"
 """What AUTOMATIC1111 and Forge print once their start-up, ``app_started`` callbacks included, is over."""
-ENV_DIR, ENV_PYTHON, ENV_CKPT, ENV_ARGS, ENV_DEVICE = (
-    "HGDPO_WEBUI_DIR", "HGDPO_WEBUI_PYTHON", "HGDPO_WEBUI_CKPT", "HGDPO_WEBUI_ARGS", "HGDPO_WEBUI_DEVICE")
+ENV_DIR, ENV_PYTHON, ENV_CKPT, ENV_ARGS, ENV_DEVICE, ENV_SDXL_CKPT = (
+    "HGDPO_WEBUI_DIR", "HGDPO_WEBUI_PYTHON", "HGDPO_WEBUI_CKPT", "HGDPO_WEBUI_ARGS", "HGDPO_WEBUI_DEVICE",
+    "HGDPO_WEBUI_SDXL_CKPT")
 
 
 @dataclass
@@ -50,6 +54,7 @@ class WebUIConfig:
     checkpoint: Path
     extra_args: list[str] = field(default_factory=list)
     gpu: bool = False
+    sdxl_checkpoint: Path | None = None
 
     @property
     def is_forge(self) -> bool:
@@ -75,7 +80,9 @@ def config_from_environment() -> tuple[WebUIConfig | None, str]:
     if problems:
         return None, "; ".join(problems)
     gpu = os.environ.get(ENV_DEVICE, "cpu").lower() in ("gpu", "cuda")
-    return WebUIConfig(webui_dir, python, checkpoint, shlex.split(os.environ.get(ENV_ARGS, "")), gpu), ""
+    sdxl = Path(os.environ[ENV_SDXL_CKPT]).expanduser() if os.environ.get(ENV_SDXL_CKPT) else None
+    return WebUIConfig(webui_dir, python, checkpoint, shlex.split(os.environ.get(ENV_ARGS, "")), gpu,
+                       sdxl if sdxl is not None and sdxl.is_file() else None), ""
 
 
 def _free_port() -> int:

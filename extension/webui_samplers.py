@@ -19,7 +19,11 @@ per image; for them the denoiser makes two calls per step instead (the SFT half 
 half at the weight), rewinding ``CFGDenoiser.step`` in between. Either way the step counter, prompt
 editing, NGMS and the progress bar see one step per sampler step, and the live preview and the latent
 returned on interrupt show the DPO chain. Text-encoder weights of the LoRA (if any) go into a second set
-of conditionings used by the DPO chain only.
+of conditionings used by the DPO chain only (:mod:`extension.text_encoder_lora`).
+
+SD1.x and SDXL alike: SDXL's conditionings are dicts (``crossattn``, ``vector``) where SD1.x has tensors; both
+paths hand the WebUI's own conditioning objects (per-image schedules) to its CFG code, which stacks either
+kind, so both chains carry the full SDXL conditioning (pooled bigG and size embedding included).
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ import torch
 from modules import prompt_parser, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, shared
 
 from hgdpo.inference.lockstep_batch import row_scales
-from hgdpo.models.ldm_names import clip_text_kohya_names, ldm_unet_kohya_names
+from hgdpo.models.families import SDXL, ModelFamily
+from hgdpo.models.ldm_names import ldm_unet_kohya_names
 from hgdpo.models.lora_runtime import FollowingLoRA, LoRAArchitectureError, LoRAFile
 
-from . import lora_files, webui_lockstep
+from . import lora_files, text_encoder_lora, webui_lockstep
 from . import settings as hs
 from . import webui_backend as backend
 
@@ -63,19 +68,31 @@ def generation_settings(p) -> hs.Settings:
     return settings
 
 
-def resolve_lora(settings: hs.Settings) -> tuple[lora_files.LoRAEntry, LoRAFile]:
-    """The chosen LoRA file and its contents, or HGDPOError with a message naming the folder or the problem."""
+def resolve_lora(settings: hs.Settings, family: ModelFamily) -> tuple[lora_files.LoRAEntry, LoRAFile]:
+    """The chosen LoRA file and its contents for a model of ``family``, or HGDPOError with a message naming the
+    folder or the problem (a LoRA of the other family included)."""
     try:
         entry = lora_files.resolve(settings.lora if settings.has_lora else "", backend.lora_folder())
-        return entry, lora_files.load(entry.path)
+        return entry, lora_files.load(entry.path, family)
     except (FileNotFoundError, LoRAArchitectureError, ValueError) as error:
         raise HGDPOError(str(error)) from error
 
 
-def check_model(sd_model) -> None:
+def check_model(sd_model) -> ModelFamily:
+    """The family of the loaded model, or HGDPOError when the LAN samplers cannot run on it."""
     problem = backend.model_family_problem(sd_model)
     if problem:
         raise HGDPOError(problem)
+    return backend.model_family(sd_model)
+
+
+def unet_layers(family: ModelFamily, root) -> dict:
+    """The WebUI's LDM UNet's layers by the kohya names a LoRA of ``family`` may use: SD1.x's diffusers-derived
+    names; for SDXL its SGM paths (kohya's SDXL names) and the diffusers-derived ones (peft/diffusers files)."""
+    layers = ldm_unet_kohya_names(root)
+    if family is SDXL:
+        layers.update(family.ldm_unet_kohya_modules(root))
+    return layers
 
 
 _COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
@@ -108,14 +125,14 @@ class _Session:
 
     def __init__(self, p, batch: int, settings: hs.Settings, entry: lora_files.LoRAEntry, lora: LoRAFile):
         sd_model = shared.sd_model
-        check_model(sd_model)
+        family = check_model(sd_model)
         self.batch = batch
         self.weight = settings.weight
         self.strength = settings.lan_strength
         label = f"HG-DPO LoRA {entry.name!r}"
         root = backend.unet(sd_model)
         self.cond = self.uncond = None
-        self.unet_lora = FollowingLoRA(ldm_unet_kohya_names(root), lora.unet, 0.0, label,
+        self.unet_lora = FollowingLoRA(unet_layers(family, root), lora.unet, 0.0, label,
                                        compute_dtype=backend.unet_compute_dtype(sd_model))
         self.per_row = False
         self._row_scales: dict[tuple, torch.Tensor] = {}
@@ -142,17 +159,16 @@ class _Session:
         self.unet_lora.scale = self._row_scales[key]
 
     def _dpo_conditioning(self, p, sd_model, lora: LoRAFile, label: str):
-        encoder = backend.text_encoder(sd_model)
-        if encoder is None:
-            raise HGDPOError(
-                f"{label} has text-encoder weights, but no CLIP text model was found in the loaded checkpoint."
-            )
+        """The conditionings of the DPO chain: the WebUI's, computed with the LoRA's text-encoder part active."""
+        encoders, parts = backend.text_encoders(sd_model), lora.text_encoders
+        missing = [slot.subfolder for slot, encoder, part in zip(lora.family.text_encoders, encoders, parts)
+                   if part and encoder is None]
+        if missing:
+            raise HGDPOError(f"{label} has weights for the text encoder(s) {missing}, which were not found in the "
+                             "loaded checkpoint.")
         backend.prepare_text_encoder(sd_model)
-        hooks = FollowingLoRA(clip_text_kohya_names(encoder), lora.text_encoders[0], self.weight, label)
-        try:
+        with text_encoder_lora.applied(encoders, parts, self.weight, label):
             return _fresh_conditioning(p)
-        finally:
-            hooks.remove()
 
     def close(self) -> None:
         self._row_guard.remove()
@@ -276,7 +292,7 @@ class LANSampler(sd_samplers_kdiffusion.KDiffusionSampler):
     @contextmanager
     def _lockstep(self, p, batch: int) -> Iterator[_Session]:
         settings = generation_settings(p)
-        entry, lora = resolve_lora(settings)
+        entry, lora = resolve_lora(settings, check_model(shared.sd_model))
         self.session = _Session(p, batch, settings, entry, lora)
         try:
             yield self.session

@@ -2,7 +2,7 @@
 API route. Imports ``modules.*`` and gradio (3.41 in A1111 1.10, 4.x in Forge).
 
 The WebUI runs an always-visible script's hooks inside ``process_images`` and only logs what they raise;
-a problem the user must see (no LoRA chosen, an SDXL checkpoint with a LAN sampler, missing PickScore
+a problem the user must see (no LoRA chosen, an SD3 or Flux checkpoint with a LAN sampler, missing PickScore
 weights) therefore replaces ``p.sample`` with a function raising :class:`HGDPOError`, so generation stops
 with that message in the UI's error box and in the API's error body, before any sampling. Generations
 that use neither a LAN sampler nor best-of-N are never touched.
@@ -54,8 +54,8 @@ def _intro() -> str:
         "Best-of-N works with every sampler: N candidates per image, ranked by PickScore; the best is kept.",
     ]
     if backend.IS_FORGE:
-        notes.append("Forge: LAN and best-of-N run on Forge's samplers; only SD1.5-family checkpoints "
-                     "(not SDXL, SD3 or Flux) work with the LAN samplers.")
+        notes.append("Forge: LAN and best-of-N run on Forge's samplers; SD1.5- and SDXL-family checkpoints "
+                     "(not SD2, SD3 or Flux) work with the LAN samplers.")
     return "\n\n".join(notes)
 
 
@@ -230,10 +230,10 @@ class HGDPOScript(scripts.Script):
         job.lan = _uses_lan(p)
         try:
             if job.lan:
-                webui_samplers.check_model(shared.sd_model)
+                family = webui_samplers.check_model(shared.sd_model)
                 if getattr(p, "refiner_checkpoint_info", None) is not None:
                     raise HGDPOError("The HG-DPO LAN samplers do not support the refiner (it swaps the model mid-way).")
-                entry, _lora = webui_samplers.resolve_lora(webui_samplers.generation_settings(p))
+                entry, _lora = webui_samplers.resolve_lora(webui_samplers.generation_settings(p), family)
                 tag = re.compile(rf"<lora:{re.escape(entry.path.stem)}[:>]")
                 if any(tag.search(prompt) for prompt in (p.all_prompts or [])):
                     raise HGDPOError(
@@ -349,18 +349,21 @@ def _xyz_arguments() -> list[str]:
     return list(inspect.signature(run).parameters)[2:]  # after self and p
 
 
-def _model_problem() -> str | None:
+def _loaded_model():
+    """The loaded checkpoint, or None (Forge loads the checkpoint at the first job)."""
     model = shared.sd_model
-    if model is None or type(model).__name__ == "FakeInitialModel":  # Forge loads the checkpoint at the first job
-        return None
-    return backend.model_family_problem(model)
+    return None if model is None or type(model).__name__ == "FakeInitialModel" else model
 
 
 def _status() -> dict:
     folder = backend.lora_folder()
     entries = lora_files.list_loras(folder)
-    loras = [{"name": entry.name, "hash": summary.hash, "hgdpo": summary.hgdpo, "problem": summary.problem}
-             for entry, summary in zip(entries, lora_files.summaries(entries))]
+    model = _loaded_model()
+    model_problem = None if model is None else backend.model_family_problem(model)
+    family = None if model is None or model_problem else backend.model_family(model)
+    loras = [{"name": entry.name, "hash": summary.hash, "hgdpo": summary.hgdpo, "problem": summary.problem,
+              "family": summary.family}
+             for entry, summary in zip(entries, lora_files.summaries(entries, family))]
     scorer_folder = backend.scorer_folder("")
     try:
         best_of.pickscore_folders(scorer_folder)
@@ -370,7 +373,7 @@ def _status() -> dict:
     return {"backend": backend.NAME, "lan_samplers": LAN_SAMPLERS, "lora_folder": str(folder), "loras": loras,
             "default_lora": webui_samplers.default_lora() or None, "scorer_folder": str(scorer_folder),
             "scorer_ready": scorer_problem is None, "scorer_problem": scorer_problem,
-            "model_problem": _model_problem(),
+            "model_problem": model_problem, "model_family": None if family is None else family.label,
             "xyz_axes": _xyz_axes(), "xyz_arguments": _xyz_arguments()}
 
 

@@ -16,9 +16,11 @@ that the denoiser's step counter advances once per step.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -31,7 +33,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from extension import settings as hs
-from extension.webui_harness import WebUI, config_from_environment, prepare_data_dir
+from extension.webui_harness import ENV_SDXL_CKPT, WebUI, config_from_environment, host_flags, prepare_data_dir
 from hgdpo.inference.infotext import BEST_OF_KEY, LAN_KEY, LORA_HASH_KEY, LORA_KEY, SCORE_KEY, WEIGHT_KEY, parse_parameters
 
 CONFIG, SKIP_REASON = config_from_environment()
@@ -113,9 +115,10 @@ def _add_text_encoder_layers(path, text_encoder, rank=4, std=0.05):
     save_file(tensors, str(path), metadata)
 
 
-def make_data_dir(tmp_path_factory):
-    """A WebUI data dir with this extension, the checkpoint, the test LoRAs and a tiny PickScore."""
-    root = prepare_data_dir(tmp_path_factory.mktemp("webui-data"), CONFIG.checkpoint)
+def make_data_dir(tmp_path_factory, checkpoint=None):
+    """A WebUI data dir with this extension, the checkpoint (default: the SD1.5 one), the test LoRAs and a tiny
+    PickScore."""
+    root = prepare_data_dir(tmp_path_factory.mktemp("webui-data"), checkpoint or CONFIG.checkpoint)
     _write_loras(root / "models" / "Lora")
     subprocess.run([str(CONFIG.python), "-c", TINY_PICKSCORE, str(root / "models" / "pickscore")], check=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -201,6 +204,158 @@ def max_diff(a, b):
     return int(np.abs(a - b).max())
 
 
+def loaded_status(webui):
+    """``/hgdpo/v1/status`` with the checkpoint loaded (Forge loads it at the first job: one 1-step image first)."""
+    status = webui.get("/hgdpo/v1/status")
+    if status["model_family"] is None and status["model_problem"] is None:
+        txt2img(webui, "Euler", steps=1)
+        status = webui.get("/hgdpo/v1/status")
+    return status
+
+
+# --------------------------------------------------------------------------- SDXL (first: one WebUI at a time)
+
+SDXL_CONFIG = None if CONFIG is None or CONFIG.sdxl_checkpoint is None else dataclasses.replace(
+    CONFIG, checkpoint=CONFIG.sdxl_checkpoint,
+    extra_args=[*CONFIG.extra_args, *(["--loglevel", "DEBUG"] if "--loglevel" in host_flags(CONFIG.webui_dir) else [])])
+"""The WebUI with an SDXL checkpoint; AUTOMATIC1111 logs at DEBUG, where its Lora extension names the keys it
+could not match (Forge logs them at INFO)."""
+XL_LORA, XL_TE_LORA, XL_CONTROL = "hgdpo_xl", "hgdpo_xl_te", "hgdpo_xl_control"
+XL_UNKNOWN_KEY = "lora_unet_input_blocks_99_1_proj_in"
+"""A module no SDXL UNet has: the control LoRA carries it, so the unmatched-key check is seen to fire."""
+
+
+def _write_sdxl_loras(folder):
+    """SDXL LoRAs as hgdpo's trainer writes them: peft's LoRA on the attention layers of the full-size SDXL UNet
+    (built on the meta device for its names and shapes, filled with random weights), saved by
+    :func:`hgdpo.models.lora.save_kohya_lora` with the family's kohya names (SGM paths); one with te1 (CLIP-L)
+    and te2 (OpenCLIP bigG) layers added under kohya's names (q/k/v/out, fc1/fc2), and a control copy holding one
+    module no SDXL model has. Returns the number of UNet modules."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from hgdpo.models.families import SDXL
+    from hgdpo.models.lora import add_lora, kohya_metadata, lora_state_dict, save_kohya_lora
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(json.loads((SDXL.config_dir / "unet" / "config.json").read_text()))
+        encoders = (CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL.config_dir / "text_encoder")),
+                    CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL.config_dir / "text_encoder_2")))
+    add_lora(unet, rank=4, alpha=4.0)
+    generator = torch.Generator().manual_seed(11)
+    state = {key: torch.randn(value.shape, generator=generator) * 0.05 for key, value in lora_state_dict(unet).items()}
+    metadata = kohya_metadata(rank=4, alpha=4.0, title=XL_LORA, resolution=(64, 64), base_model="random",
+                              base_model_hash=None, training={}, hgdpo={"loss": "hgdpo"}, family=SDXL)
+    path = save_kohya_lora(folder / f"{XL_LORA}.safetensors", state, 4.0, metadata, dtype=torch.float32,
+                           names=SDXL.kohya_unet_names(unet))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    targets = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp_fc1", "mlp_fc2")
+    with_te = dict(tensors)
+    for name, module in SDXL.kohya_text_encoder_layers(encoders).items():
+        if name.endswith(targets):
+            with_te[f"{name}.lora_down.weight"] = torch.randn(4, module.in_features, generator=generator) * 0.05
+            with_te[f"{name}.lora_up.weight"] = torch.randn(module.out_features, 4, generator=generator) * 0.05
+            with_te[f"{name}.alpha"] = torch.tensor(4.0)
+    save_file(with_te, str(folder / f"{XL_TE_LORA}.safetensors"), metadata)
+    control = {**tensors, f"{XL_UNKNOWN_KEY}.lora_down.weight": torch.zeros(4, 8),
+               f"{XL_UNKNOWN_KEY}.lora_up.weight": torch.zeros(8, 4), f"{XL_UNKNOWN_KEY}.alpha": torch.tensor(4.0)}
+    save_file(control, str(folder / f"{XL_CONTROL}.safetensors"), metadata)
+    return len({key.split(".")[0] for key in tensors})
+
+
+def _unmatched_key_reports(log: str, name: str) -> list[str]:
+    """The lines in which the WebUI's own Lora extension reports keys of LoRA ``name`` it could not match
+    (AUTOMATIC1111 at DEBUG: ``Network <file> didn't match keys: {...}``; Forge: ``[LORA] Loading <file> for <model>
+    with N unmatched keys`` and ``... (skipped N keys)`` with N > 0)."""
+    file = re.escape(f"{name}.safetensors")
+    patterns = (rf"Network \S*{file} didn't match keys", rf"\[LORA\] Loading {file} for .* with \d+ unmatched keys",
+                rf"\[LORA\] \w+ {file} for .*(skipped [1-9]\d* keys|keys mismatched)")
+    return [line for line in log.splitlines() if any(re.search(pattern, line) for pattern in patterns)]
+
+
+@pytest.mark.skipif(SDXL_CONFIG is None, reason=f"no SDXL checkpoint: set {ENV_SDXL_CKPT} to a full-size SDXL base "
+                                                 "architecture .safetensors file (random weights are fine)")
+class TestSDXL:
+    """The LAN samplers, the HG-DPO LoRA, refusals and best-of-N on an SDXL checkpoint (one WebUI for the class).
+
+    Against the WebUI's own Lora extension (``<lora:...>``) at LAN strength 0, as for SD1.5: the SGM UNet names,
+    SDXL's dict conditioning (``crossattn`` + ``vector``) in the one-call path and in the two-call path (AND),
+    and te1/te2. The WebUI's Lora extension must match every key of the trainer's SDXL LoRA file."""
+
+    @pytest.fixture(scope="class")
+    def xl(self, tmp_path_factory):
+        root = make_data_dir(tmp_path_factory, SDXL_CONFIG.checkpoint)
+        modules = _write_sdxl_loras(root / "models" / "Lora")
+        # AUTOMATIC1111's live preview would download its SDXL approximation network (it ships SD1.5's only)
+        (root / "config.json").write_text(json.dumps({"show_progress_type": "Approx cheap"}))
+        with WebUI(SDXL_CONFIG, root, startup_timeout=1800) as running:
+            running.unet_modules = modules
+            running.generated = {}
+            yield running
+
+    @staticmethod
+    def image(xl, sampler, args=None, **overrides):
+        """One 64x64 image in 2 steps (SDXL on a CPU is slow), generated once per class and kept."""
+        key = json.dumps([sampler, args, overrides], sort_keys=True)
+        if key not in xl.generated:
+            xl.generated[key] = images(txt2img(xl, sampler, args, **{"steps": 2, **overrides}))[0]
+        return xl.generated[key]
+
+    def test_status_and_a_lora_of_the_other_family(self, xl):
+        status = loaded_status(xl)
+        loras = {item["name"]: item for item in status["loras"]}
+        assert status["model_family"] == "SDXL" and status["model_problem"] is None
+        assert loras[XL_LORA]["problem"] is None and loras[XL_LORA]["family"] == "SDXL"
+        assert loras[XL_TE_LORA]["problem"] is None
+        assert "is an SD1.5 LoRA, but the model is an SDXL model" in loras[LORA]["problem"]
+        payload = txt2img(xl, "Euler (HG-DPO LAN)", [LORA, 0.5], expect=500)
+        assert payload["error"] == "HGDPOError"
+        assert "is an SD1.5 LoRA, but the model is an SDXL model" in error_text(payload)
+
+    def test_lan_off_equals_the_webui_lora_in_one_call_and_weight_zero_is_plain(self, xl):
+        reference = self.image(xl, "Euler a", prompt=f"{PROMPT} <lora:{XL_LORA}:0.8>")
+        lan_off = self.image(xl, "Euler a (HG-DPO LAN)", [XL_LORA, 0.8, 0.0])
+        assert max_diff(lan_off, reference) <= 2
+        assert max_diff(self.image(xl, "Euler a (HG-DPO LAN)", [XL_LORA, 0.8, 1.0]), lan_off) > CHANGED
+        assert max_diff(self.image(xl, "Euler a (HG-DPO LAN)", [XL_LORA, 0.0, 1.0]), self.image(xl, "Euler a")) <= SAME
+
+    def test_and_prompts_take_the_two_call_path(self, xl):
+        prompt = "a woman singing AND a crowd :0.6"
+        reference = self.image(xl, "DPM++ 2M", prompt=f"{prompt} <lora:{XL_LORA}:0.8>")
+        assert max_diff(self.image(xl, "DPM++ 2M (HG-DPO LAN)", [XL_LORA, 0.8, 0.0], prompt=prompt), reference) <= 2
+
+    def test_te1_and_te2_go_into_the_dpo_conditioning(self, xl):
+        with_te = self.image(xl, "Euler a", prompt=f"{PROMPT} <lora:{XL_TE_LORA}:0.8>")
+        assert max_diff(with_te, self.image(xl, "Euler a", prompt=f"{PROMPT} <lora:{XL_LORA}:0.8>")) > CHANGED
+        assert max_diff(self.image(xl, "Euler a (HG-DPO LAN)", [XL_TE_LORA, 0.8, 0.0]), with_te) <= 2
+        plain = self.image(xl, "Euler a")
+        again = images(txt2img(xl, "Euler a", steps=2))[0]
+        assert max_diff(again, plain) <= SAME  # every hook and weight put back
+
+    def test_the_webuis_lora_extension_matches_every_key_of_the_trainers_file(self, xl):
+        for name in (XL_LORA, XL_TE_LORA, XL_CONTROL):
+            self.image(xl, "Euler", steps=1, prompt=f"{PROMPT} <lora:{name}:0.5>")
+        log = xl.log_path.read_text(errors="replace")
+        assert _unmatched_key_reports(log, XL_CONTROL), "the control LoRA's unknown key was not reported"
+        assert _unmatched_key_reports(log, XL_LORA) == [] and _unmatched_key_reports(log, XL_TE_LORA) == []
+        forge_counts = re.findall(rf"\[LORA\] Loaded {XL_LORA}\.safetensors for \S+-UNet with (\d+) keys", log)
+        assert all(int(count) == xl.unet_modules for count in forge_counts), forge_counts
+
+    def test_best_of_n_with_a_lan_sampler(self, xl):
+        every = txt2img(xl, "Euler a (HG-DPO LAN)", [XL_LORA, 0.5, 1.0, 2, "", True], steps=2)
+        texts = infotexts(every)
+        scores = [float(params(text)[SCORE_KEY]) for text in texts]
+        seeds = [int(params(text)["Seed"]) for text in texts]
+        assert len(images(every)) == 2 and scores == sorted(scores, reverse=True) and sorted(seeds) == [7, 8]
+        alone = txt2img(xl, "Euler a (HG-DPO LAN)", [XL_LORA, 0.5, 1.0, 1], steps=2, seed=seeds[0])
+        assert max_diff(images(alone)[0], images(every)[0]) <= SAME
+        assert params(infotexts(alone)[0])[LORA_KEY] == XL_LORA
+
+
 # --------------------------------------------------------------------------- registration
 
 
@@ -210,11 +365,12 @@ def test_lan_samplers_are_listed_with_their_base_options(webui):
         assert name in samplers, sorted(samplers)
         base = samplers[hs.base_sampler_name(name)]
         assert samplers[name]["options"].get("scheduler") == base["options"].get("scheduler")
-    status = webui.get("/hgdpo/v1/status")
+    status = loaded_status(webui)
     assert status["lan_samplers"] == LAN_SAMPLERS
     loras = {item["name"]: item for item in status["loras"]}
     assert loras[LORA]["problem"] is None and len(loras[LORA]["hash"]) == 12
-    assert "SDXL" in loras["sdxl_style"]["problem"]
+    assert "is an SDXL LoRA, but the model is an SD1.5 model" in loras["sdxl_style"]["problem"]
+    assert loras[LORA]["family"] == "SD1.5" and status["model_family"] == "SD1.5"
     assert status["scorer_ready"] and status["model_problem"] is None
     assert "[HG-DPO] LoRA weight" in status["xyz_axes"]["txt2img"]
 
@@ -363,13 +519,11 @@ def test_xyz_plot_over_samplers_and_the_weight(webui):
     [
         ([], "No HG-DPO LoRA chosen"),
         (["missing_lora", 0.5], "'missing_lora' not found in .*Lora"),
-        (["sdxl_style", 0.5], "SDXL"),
+        (["sdxl_style", 0.5], "is an SDXL LoRA, but the model is an SD1.5 model"),
         ([LORA, 7.0], r"weight must lie in \[0.0, 2.0\]"),
     ],
 )
 def test_bad_lan_settings_stop_with_a_clear_message(webui, args, message):
-    import re
-
     payload = txt2img(webui, "Euler (HG-DPO LAN)", args, expect=500)
     assert payload["error"] == "HGDPOError" and re.search(message, error_text(payload)), payload
 

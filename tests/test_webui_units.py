@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from extension import best_of, install_plan, lora_files, webui_harness, webui_lockstep
+from extension import best_of, install_plan, lora_files, text_encoder_lora, webui_harness, webui_lockstep
 from extension import settings as hs
 from hgdpo.models.ldm_names import clip_text_kohya_names
 from hgdpo.models.lora_runtime import FollowingLoRA
@@ -35,7 +35,7 @@ from hgdpo.inference.infotext import (
 )
 from hgdpo.inference.lan import latent_adaptive_normalization
 from hgdpo.models.ldm_names import diffusers_to_ldm_prefixes, ldm_to_diffusers_names, ldm_unet_kohya_names
-from hgdpo.models.families import SD15
+from hgdpo.models.families import SD15, SDXL
 from hgdpo.models.lora_runtime import FunctionalLoRA, LoRAArchitectureError, read_lora, unet_kohya_modules
 from hgdpo.feedback.scorers import FunctionScorer, ScorerWeightsError
 from tests import sd15_factory
@@ -49,7 +49,7 @@ def test_framework_free_modules_import_without_the_webui():
     """CI imports these; the WebUI glue must stay out of them (no ``modules``, no gradio)."""
     code = (
         "import sys; import extension.settings, extension.webui_lockstep, extension.lora_files, extension.best_of, "
-        "extension.install_plan, extension.webui_harness, hgdpo.models.ldm_names; "
+        "extension.install_plan, extension.webui_harness, extension.text_encoder_lora, hgdpo.models.ldm_names; "
         "bad = [m for m in ('modules', 'gradio', 'k_diffusion', 'diffusers') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -140,12 +140,18 @@ def test_infotext_round_trip_through_the_shared_format():
 
 
 def test_model_family_problem():
-    assert hs.model_family_problem(SimpleNamespace(is_sd1=True)) is None
-    sdxl = hs.model_family_problem(SimpleNamespace(is_sd1=False, is_sdxl=True), "juggernautXL.safetensors")
-    assert "juggernautXL.safetensors is SDXL" in sdxl and "(HG-DPO LAN)" in sdxl
+    sd1, sdxl = SimpleNamespace(is_sd1=True), SimpleNamespace(is_sd1=False, is_sdxl=True)
+    assert hs.model_family_problem(sd1) is None and hs.model_family(sd1) is SD15
+    assert hs.model_family_problem(sdxl, "ponyXL.safetensors", 2048) is None and hs.model_family(sdxl) is SDXL
+    assert hs.model_family_problem(sdxl) is None  # (no UNet width known: the flag decides)
+    refiner = hs.model_family_problem(sdxl, "sd_xl_refiner_1.0.safetensors", 1280)
+    assert "sd_xl_refiner_1.0.safetensors is an SDXL refiner" in refiner and "(HG-DPO LAN)" in refiner
+    ssd = SimpleNamespace(is_sd1=False, is_sdxl=True, is_ssd=True)  # A1111 flags SSD-1B both ways
+    assert "SSD-1B" in hs.model_family_problem(ssd, context_width=2048)
     assert "SD2.x" in hs.model_family_problem(SimpleNamespace(is_sd1=False, is_sd2=True))
+    assert "SD3" in hs.model_family_problem(SimpleNamespace(is_sd1=False, is_sd3=True))
     flux = hs.model_family_problem(SimpleNamespace(is_sd1=False))  # Forge's Flux engine sets no flag
-    assert "not an SD1.x model" in flux
+    assert "not an SD1.x or SDXL model" in flux and hs.model_family(SimpleNamespace()) is None
     assert "No checkpoint" in hs.model_family_problem(None)
 
 
@@ -368,6 +374,21 @@ def test_load_caches_and_refuses_other_architectures(lora_folder):
         lora_files.load(lora_folder / "te_only.safetensors")
     with pytest.raises(FileNotFoundError):
         lora_files.load(lora_folder / "gone.safetensors")
+
+
+def test_a_lora_of_the_other_family_is_refused_with_one_message(lora_folder):
+    sd15_lora, xl_lora = lora_folder / "people" / "hgdpo_v1.safetensors", lora_folder / "xl_style.safetensors"
+    assert lora_files.load(sd15_lora, SD15).family is SD15
+    with pytest.raises(LoRAArchitectureError, match="is an SD1.5 LoRA, but the model is an SDXL model"):
+        lora_files.load(sd15_lora, SDXL)
+    with pytest.raises(LoRAArchitectureError, match="is an SDXL LoRA, but the model is an SD1.5 model"):
+        lora_files.load(xl_lora, SD15)
+    entries = lora_files.list_loras(lora_folder)
+    for_sd15, for_sdxl, for_any = (lora_files.summaries(entries, family) for family in (SD15, SDXL, None))
+    assert for_sd15[0].problem is None and for_sd15[0].family == "SD1.5"
+    assert "but the model is an SDXL model" in for_sdxl[0].problem and for_sdxl[0].family is None
+    assert "is an SDXL LoRA" in for_sd15[2].problem and "no UNet weights" in for_sdxl[2].problem
+    assert for_any[0].problem is None
 
 
 # --------------------------------------------------------------------------- best-of-N
@@ -670,3 +691,70 @@ def test_harness_client_sends_the_api_credentials():
         server.shutdown()
         thread.join()
     assert seen == ["Basic dXNlcjpwdw==", None, None]
+
+
+# --------------------------------------------------------------------------- SDXL text encoders
+
+
+def _tiny_bigg_pair():
+    """SDXL's tiny OpenCLIP bigG as transformers builds it and the same weights in a real OpenCLIP text model
+    (AUTOMATIC1111's layout: fused q/k/v ``in_proj_weight`` in ``nn.MultiheadAttention``)."""
+    import open_clip
+
+    from tests import sdxl_factory
+
+    configs = sdxl_factory.tiny_sdxl_configs()
+    encoder = sdxl_factory.build_models(configs)["text_encoder_2"].eval()
+    config = configs["text_encoder_2"]
+    text_cfg = open_clip.model.CLIPTextCfg(context_length=77, vocab_size=config["vocab_size"],
+                                           width=config["hidden_size"], heads=config["num_attention_heads"],
+                                           layers=config["num_hidden_layers"], mlp_ratio=config["intermediate_size"] / config["hidden_size"])
+    vision_cfg = open_clip.model.CLIPVisionCfg(layers=1, width=8, patch_size=8, image_size=16, head_width=8)
+    model = open_clip.model.CLIP(embed_dim=config["projection_dim"], vision_cfg=vision_cfg, text_cfg=text_cfg).eval()
+    state = sdxl_factory.open_clip_to_ldm(encoder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(key.startswith(("visual.", "logit_")) for key in missing)
+    return encoder, model
+
+
+def _bigg_lora(encoder, rank=2):
+    generator = torch.Generator().manual_seed(4)
+    lora = {}
+    for name, module in clip_text_kohya_names(encoder).items():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
+            lora[name] = SimpleNamespace(down=torch.randn(rank, module.in_features, generator=generator) * 0.3,
+                                         up=torch.randn(module.out_features, rank, generator=generator) * 0.3,
+                                         multiplier=0.5, rank=rank)
+    return lora
+
+
+def test_open_clip_text_lora_equals_the_hooked_transformers_model_and_restores_every_bit():
+    """The te2 part of an SDXL LoRA on A1111's OpenCLIP bigG (weights patched for the encoding) gives what the
+    same LoRA hooked onto the transformers twin gives; afterwards every weight is the original tensor again."""
+    encoder, model = _tiny_bigg_pair()
+    lora = _bigg_lora(encoder)
+    ids = torch.tensor([[49406, 320, 1125, 539, 49407, *([0] * 72)]])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(ids), encoder(ids).text_embeds, rtol=1e-4, atol=1e-4)
+        with text_encoder_lora.applied([(encoder, text_encoder_lora.TRANSFORMERS)], [lora], 0.7, "test"):
+            expected = encoder(ids).text_embeds
+        with text_encoder_lora.applied([(model, text_encoder_lora.OPEN_CLIP)], [lora], 0.7, "test"):
+            patched = model.encode_text(ids)
+        assert (patched - model.encode_text(ids)).abs().max() > 1e-2  # the LoRA matters
+        torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(encoder(ids).text_embeds, model.encode_text(ids), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_open_clip_text_lora_refuses_layers_it_does_not_have():
+    encoder, model = _tiny_bigg_pair()
+    lora = _bigg_lora(encoder)
+    for name, message in (("text_model_encoder_layers_9_mlp_fc1", "does not exist"),
+                          ("text_model_encoder_layers_0_self_attn_q_proj", "has shape")):
+        bad = {name: SimpleNamespace(down=torch.zeros(2, 5), up=torch.zeros(7, 2), multiplier=1.0, rank=2)}
+        before = model.transformer.resblocks[0].attn.in_proj_weight.clone()
+        with pytest.raises(LoRAArchitectureError, match=message), \
+                text_encoder_lora.applied([(model, text_encoder_lora.OPEN_CLIP)], [{**lora, **bad}], 1.0, "test"):
+            pass
+        assert torch.equal(model.transformer.resblocks[0].attn.in_proj_weight, before)
