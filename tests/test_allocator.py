@@ -65,7 +65,7 @@ def _train(model: Path, dataset: Path, out: Path, keep_freed_memory: bool) -> li
                "--effective-batch-size", "2", "--max-steps", str(STEPS), "--mixed-precision", "no",
                "--optimizer", "adamw", "--checkpointing-steps", "1000", "--validation-steps", "0",
                "--save-precision", "fp32", "--seed", "0"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("FAULTS "))
     return json.loads(line.removeprefix("FAULTS "))
