@@ -38,6 +38,7 @@ from hgdpo.models.lora import (
     save_kohya_lora,
 )
 from hgdpo.options import parse_resolution
+from hgdpo.training.allocator import keep_freed_memory
 from hgdpo.training.checkpoint import CheckpointManager, TrainingState, restore_rng_states, rng_states
 from hgdpo.training.config import DTYPES, TrainConfig, save_config
 from hgdpo.training.latent_cache import EncodedPairs, build_cache, cache_key, finalize_cache
@@ -252,6 +253,8 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator, accumulation = _make_accelerator(config, output_dir)
     device = accelerator.device
+    if device.type == "cpu" and keep_freed_memory():
+        logger.info("CPU training: glibc keeps freed memory for reuse (no fresh pages at every step).")
     weight_dtype = torch.float32 if config.mixed_precision == "no" else DTYPES[config.mixed_precision]
     torch.manual_seed(config.seed)
 
