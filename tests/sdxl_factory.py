@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from hgdpo.models.families import SDXL, Prediction
-from hgdpo.models.tiny import _NORM_TYPES, _init_kwargs
+from hgdpo.models.tiny import _init_kwargs, randomize_parameters
 from tests import sd15_factory
 
 BIGG_PREFIX = "conditioner.embedders.1.model."
@@ -162,20 +162,9 @@ def _meta_model(name: str, config: dict) -> nn.Module:
         return text_class(CLIPTextConfig(**_init_kwargs(config)))
 
 
-@torch.no_grad()
 def _randomize_as(model: nn.Module, generator: torch.Generator, dtype: torch.dtype, std: float) -> nn.Module:
-    """:func:`hgdpo.models.tiny.randomize_parameters` (the same draws) with each parameter cast to ``dtype`` as it
-    is drawn, so that no fp32 copy of the whole model exists."""
-    for module in model.modules():
-        is_norm = isinstance(module, _NORM_TYPES)
-        for name, parameter in list(module._parameters.items()):
-            if parameter is None:
-                continue
-            value = torch.empty(parameter.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-            if is_norm and name == "weight":
-                value += 1.0
-            module._parameters[name] = nn.Parameter(value.to(dtype), requires_grad=False)
-    return model.eval()
+    """:func:`hgdpo.models.tiny.randomize_parameters` (the same draws), each parameter cast to ``dtype``."""
+    return randomize_parameters(model, generator, std, dtype).eval()
 
 
 def build_full_size_models(dtype: torch.dtype = torch.float16, seed: int = 0, std: float = 0.02,

@@ -61,8 +61,10 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.LayerNorm, nn.Batch
 
 
 @torch.no_grad()
-def randomize_parameters(model: nn.Module, generator: torch.Generator, std: float = 0.02) -> nn.Module:
-    """Replace every parameter with N(0, std) noise (norm weights 1 + noise), in place.
+def randomize_parameters(model: nn.Module, generator: torch.Generator, std: float = 0.02,
+                         dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every parameter with N(0, std) noise (norm weights 1 + noise), in place, each cast to ``dtype`` as
+    it is drawn (drawn in float32 always, so the values do not depend on ``dtype``; no float32 copy of the model).
 
     No layer stays zero-initialised, so a wrong key mapping cannot hide. Works on parameters still
     on the ``meta`` device (they are materialised on the CPU); buffers are left untouched.
@@ -75,7 +77,7 @@ def randomize_parameters(model: nn.Module, generator: torch.Generator, std: floa
             value = torch.empty(parameter.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
             if is_norm and name == "weight":
                 value += 1.0
-            module._parameters[name] = nn.Parameter(value, requires_grad=parameter.requires_grad)
+            module._parameters[name] = nn.Parameter(value.to(dtype), requires_grad=parameter.requires_grad)
     return model
 
 
