@@ -205,11 +205,12 @@ def max_diff(a, b):
 
 
 def loaded_status(webui):
-    """``/hgdpo/v1/status`` with the checkpoint loaded (Forge loads it at the first job: one 1-step image first)."""
-    status = webui.get("/hgdpo/v1/status")
+    """``/hgdpo/v1/status`` with the checkpoint loaded (AUTOMATIC1111 loads it when first asked for, which takes
+    minutes for SDXL on a CPU; Forge at the first job: one 1-step image first)."""
+    status = webui.get("/hgdpo/v1/status", timeout=1800)
     if status["model_family"] is None and status["model_problem"] is None:
         txt2img(webui, "Euler", steps=1)
-        status = webui.get("/hgdpo/v1/status")
+        status = webui.get("/hgdpo/v1/status", timeout=1800)
     return status
 
 
@@ -279,6 +280,7 @@ def _unmatched_key_reports(log: str, name: str) -> list[str]:
 
 @pytest.mark.skipif(SDXL_CONFIG is None, reason=f"no SDXL checkpoint: set {ENV_SDXL_CKPT} to a full-size SDXL base "
                                                  "architecture .safetensors file (random weights are fine)")
+@pytest.mark.timeout(3600)  # a LAN image of SDXL on a shared 2-core CPU took up to 5 minutes
 class TestSDXL:
     """The LAN samplers, the HG-DPO LoRA, refusals and best-of-N on an SDXL checkpoint (one WebUI for the class).
 
