@@ -253,3 +253,19 @@ def test_two_processes_share_the_encoding_and_train_data_parallel(tmp_path, tiny
     _, _, objects = CheckpointManager.load(CheckpointManager(tmp_path / "out").resolve("latest"))
     assert {"generator/noise_rank0", "generator/noise_rank1"} <= objects["rng"].keys()
     assert (tmp_path / "out" / "hgdpo_lora.safetensors").exists()
+
+
+def test_two_runs_in_one_process_with_different_mixed_precision(tmp_path, tiny_single_file, tiny_model_dir,
+                                                                triplet_dataset):
+    """accelerate keeps its settings process-wide: a second in-process run (the demo, a notebook, a test session)
+    with another mixed precision must not be refused."""
+    from hgdpo.training.config import TrainConfig
+    from hgdpo.training.loop import train
+
+    for precision in ("no", "bf16"):
+        config = TrainConfig(model=str(tiny_single_file), model_config_dir=str(tiny_model_dir),
+                             dataset=str(triplet_dataset), output_dir=str(tmp_path / precision), resolution="64",
+                             max_steps=1, effective_batch_size=2, mixed_precision=precision, validation_steps=0,
+                             cache_dir=str(tmp_path / "cache"))
+        with safe_open(str(train(config)), framework="pt") as handle:
+            assert handle.metadata()["ss_mixed_precision"] == precision

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -302,6 +303,7 @@ def _make_accelerator(config: TrainConfig, output_dir: Path) -> tuple[Accelerato
     accumulation = config.effective_batch_size // (config.batch_size * world_size)
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this device.")
+    _forget_earlier_runs()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=accumulation,
@@ -309,6 +311,16 @@ def _make_accelerator(config: TrainConfig, output_dir: Path) -> tuple[Accelerato
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     return accelerator, accumulation
+
+
+def _forget_earlier_runs() -> None:
+    """Drop the accelerator settings an earlier run left in this process (a second ``train`` in one process).
+
+    accelerate keeps its mixed precision and accumulation process-wide and refuses a new ``Accelerator``
+    with other values; the process group (``PartialState``) is kept, so ``accelerate launch`` is unaffected.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def _make_policy(config: TrainConfig, unet: torch.nn.Module, device: torch.device,
