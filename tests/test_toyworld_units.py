@@ -99,3 +99,21 @@ def test_shipped_scorer_prefers_clean_renders_and_is_blind_to_extra_limbs_only_p
     for kind in world.MALFORMATIONS:
         bad = scorer.score(prompts, [world.malform(scene, kind, i) for i, scene in enumerate(scenes)])
         assert (clean > bad).float().mean() >= 0.6, kind
+
+
+def test_demo_output_folder_is_replaced_only_when_the_demo_wrote_it(tmp_path):
+    from hgdpo.toyworld.demo import DEMO_MARKER, prepare_output_dir
+
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.png").write_bytes(b"not the demo's")
+    with pytest.raises(FileExistsError, match="was not written by the demo"):
+        prepare_output_dir(mine)
+    assert (mine / "holiday.png").read_bytes() == b"not the demo's"
+    with pytest.raises(FileExistsError, match="not a folder"):
+        prepare_output_dir(mine / "holiday.png")
+
+    demo = prepare_output_dir(tmp_path / "demo_output")
+    assert (demo / DEMO_MARKER).is_file()
+    (demo / "report.html").write_text("old run")
+    assert list(prepare_output_dir(demo).iterdir()) == [demo / DEMO_MARKER]  # an earlier run is replaced

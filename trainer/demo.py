@@ -24,7 +24,8 @@ from hgdpo.toyworld.demo import DemoSettings, run_demo  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="demo_output", help="Where everything is written (replaced).")
+    parser.add_argument("--output-dir", default="demo_output",
+                        help="Where everything is written: a new or empty folder, or an earlier demo run's (replaced).")
     parser.add_argument("--train-steps", type=int, default=DemoSettings.train_steps, help="HG-DPO training steps.")
     parser.add_argument("--no-dpo-only", action="store_true", help="Skip the DPO-only LoRA (colour-shift baseline).")
     args = parser.parse_args(argv)
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # the toy models are tiny: one thread beats two, much more so on a busy machine
     settings = replace(DemoSettings(), train_steps=args.train_steps, compare_dpo_only=not args.no_dpo_only)
-    figures = run_demo(args.output_dir, settings)
+    try:
+        figures = run_demo(args.output_dir, settings)
+    except FileExistsError as error:  # an --output-dir the demo may not replace
+        parser.exit(2, f"error: {error}\n")
     print("\nHG-DPO toy-world demo finished:")
     for label, row in figures["models"].items():
         if label == "sft":

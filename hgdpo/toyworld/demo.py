@@ -33,6 +33,7 @@ logger = logging.getLogger("hgdpo.toyworld")
 
 SCORER = "hgdpo.toyworld.scorer:WorldScorer"
 JUDGE = "hgdpo.toyworld.judge:AnatomyJudge"
+DEMO_MARKER = ".hgdpo-demo"  # marks a folder the demo wrote, so a re-run may replace it
 
 
 @dataclass
@@ -245,16 +246,32 @@ A toy world: it shows the method working, not real anatomy.</p>
     return path
 
 
+def prepare_output_dir(output_dir: Path) -> Path:
+    """An empty ``output_dir``: a new or empty folder, or an earlier demo's (marked), which is replaced.
+
+    Any other existing path is refused: the demo never deletes what it did not write.
+    """
+    marker = output_dir / DEMO_MARKER
+    if output_dir.exists() and not (output_dir.is_dir() and not output_dir.is_symlink()):
+        raise FileExistsError(f"{output_dir} exists and is not a folder; give the demo a new --output-dir.")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not marker.is_file():
+            raise FileExistsError(f"{output_dir} is not empty and was not written by the demo; give a new or empty "
+                                  "--output-dir (nothing was changed).")
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("Written by hgdpo's toy-world demo; the demo replaces this folder when run again.\n")
+    return output_dir
+
+
 def run_demo(output_dir: str | Path = "demo_output", settings: DemoSettings | None = None,
              progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage into ``output_dir`` (replaced); return the figures (also in ``figures.json``)."""
+    """Run every stage into ``output_dir`` (see :func:`prepare_output_dir`); return the figures (also in
+    ``figures.json``)."""
     from hgdpo.models.loading import load_sd15
 
     settings = settings or DemoSettings()
-    output_dir = Path(output_dir)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True)
+    output_dir = prepare_output_dir(Path(output_dir))
     train_prompts, eval_prompts = split_prompts(settings)
     components = load_sd15(settings.model)
     timings: dict[str, float] = {}
