@@ -10,8 +10,9 @@ bf16 and 8-bit AdamW (the last two on CUDA only):
 * ``diffusers``: ``train_diffusion_dpo_sdxl.py`` from diffusers' ``examples/research_projects/diffusion_dpo``
   (``--peer``; not part of this repository, it needs ``datasets`` and ``wandb``).
 
-Each runs twice, with ``--steps`` A and B optimizer steps, under a wrapper that records the process's
-wall time, ``torch.cuda.max_memory_allocated`` and ``ru_maxrss`` at exit. Throughput is
+Each runs twice, with ``--steps`` A and B optimizer steps (alternated: A of each, then B of each), under a
+wrapper that records the process's wall time, ``torch.cuda.max_memory_allocated`` and ``ru_maxrss`` at exit
+(``--threads`` sets OMP_NUM_THREADS for both; on a shared CPU one thread avoids oversubscription). Throughput is
 ``(B - A) * pairs / (wall_B - wall_A)``, so loading and encoding cancel out; the peak is that of run B.
 A run that fails is recorded with its error and the others go on.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -78,6 +80,8 @@ def ours_command(args, model: Path, data: Path, out: Path, steps: int) -> list[s
                "--effective-batch-size", str(args.pairs), "--max-steps", str(steps), "--gradient-checkpointing",
                "--mixed-precision", args.mixed_precision, "--optimizer", args.optimizer,
                "--checkpointing-steps", "100000", "--validation-steps", "0", "--seed", "0"]
+    if args.resolution != 1024:  # off SDXL's buckets (a CPU run at small size): ours refuses it unless asked
+        command.append("--any-resolution")
     return command
 
 
@@ -105,20 +109,34 @@ def probed_run(command: list[str], log: Path, env: dict[str, str]) -> dict:
     return json.loads(probe[-1].removeprefix("PROBE "))
 
 
-def measure(args, name: str, command_of, model: Path, data: Path, env: dict[str, str]) -> dict:
-    """Runs with A and B steps; pairs/s from their difference, the peaks of run B."""
+def measure(args, variants: dict, model: Path, data: Path, env: dict[str, str]) -> dict:
+    """Runs with A and B steps, alternated (A of each variant, then B of each: a change of load on a shared
+    machine hits both alike); pairs/s from the difference of each variant's two, the peaks of run B."""
     short, long = args.steps
-    runs = {}
+    runs = {name: {} for name in variants}
     for steps in (short, long):
-        out = Path(args.work) / f"out-{name}-{steps}"
-        runs[steps] = probed_run(command_of(args, model, data, out, steps), out.parent / f"{out.name}.log", env)
-        print(f"{name}, {steps} steps: {runs[steps]}", flush=True)
-        if "error" in runs[steps]:
-            return {"runs": runs, "error": runs[steps]["error"]}
-    seconds = runs[long]["wall_s"] - runs[short]["wall_s"]
-    return {"runs": runs, "pairs_per_s": (long - short) * args.pairs / seconds,
-            "s_per_step": seconds / (long - short), "cuda_peak_bytes": runs[long]["cuda_peak_bytes"],
-            "max_rss_kib": runs[long]["max_rss_kib"]}
+        for name, command_of in variants.items():
+            if any("error" in run for run in runs[name].values()):
+                continue
+            out = Path(args.work) / f"out-{name}-{steps}"
+            run = probed_run(command_of(args, model, data, out, steps), out.parent / f"{out.name}.log", env)
+            run["load_average_after"] = os.getloadavg()  # other jobs on a shared machine
+            runs[name][steps] = run
+            print(f"{name}, {steps} steps: {run}", flush=True)
+    results = {}
+    for name, by_steps in runs.items():
+        errors = [run["error"] for run in by_steps.values() if "error" in run]
+        if errors:
+            results[name] = {"runs": by_steps, "error": errors[0]}
+            continue
+        seconds = by_steps[long]["wall_s"] - by_steps[short]["wall_s"]
+        if seconds <= 0:  # the load changed between the runs more than the extra steps cost
+            results[name] = {"runs": by_steps, "error": f"run B was not slower than run A ({seconds:.1f} s)"}
+            continue
+        results[name] = {"runs": by_steps, "pairs_per_s": (long - short) * args.pairs / seconds,
+                         "s_per_step": seconds / (long - short), "cuda_peak_bytes": by_steps[long]["cuda_peak_bytes"],
+                         "max_rss_kib": by_steps[long]["max_rss_kib"]}
+    return results
 
 
 def main() -> int:
@@ -131,18 +149,28 @@ def main() -> int:
                         help="A,B: the two run lengths")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16")
     parser.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw8bit")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of each run (OMP_NUM_THREADS); 0: torch's default (all cores)")
     parser.add_argument("--work", default="/tmp/hgdpo-sdxl-bench", help="model, data and outputs go here")
     parser.add_argument("--json", help="write the settings, every run and the figures here")
     args = parser.parse_args()
 
     work = Path(args.work)
-    model = build_model(work / f"model-sdxl-{args.arch}", args.arch)
+    model = work / f"model-sdxl-{args.arch}"
+    # built in a child process: this one would keep the model's memory (10 GB at full size) beside the runs
+    builder = multiprocessing.get_context("spawn").Process(target=build_model, args=(model, args.arch))
+    builder.start()
+    builder.join()
+    if builder.exitcode:
+        raise SystemExit(f"building the model failed (exit {builder.exitcode})")
     data = build_dataset(work / f"data-{args.pairs * max(args.steps)}-{args.resolution}",
                          args.pairs * max(args.steps), args.resolution)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO))
+    if args.threads:  # torch's intra-op threads in both scripts (OpenMP/MKL read these at start)
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     variants = {"ours": ours_command} | ({"diffusers": peer_command} if args.peer else {})
-    results = {name: measure(args, name, command_of, model, data, env) for name, command_of in variants.items()}
+    results = measure(args, variants, model, data, env)
     report = {"settings": {key: value for key, value in vars(args).items()},
               "environment": {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                               "load_average": os.getloadavg()},
