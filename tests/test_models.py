@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from hgdpo.models.loading import ModelFamilyError, clip_tokenizer, load_sd15
+from hgdpo.models.loading import ModelFamilyError, clip_tokenizer, load_model, load_sd15
 from tests import sd15_factory
 
 
@@ -38,6 +38,23 @@ def test_diffusers_folder_loads(tiny_models, tiny_model_dir):
     loaded = load_sd15(tiny_model_dir)
     torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(models["unet"]))
     assert loaded.tokenizer.model_max_length == 77
+
+
+@pytest.mark.parametrize("source", ["tiny_single_file", "tiny_model_dir"])
+def test_unet_loads_straight_into_the_training_dtype(source, tiny_model_dir, request):
+    """The trainer's bf16 UNet is built in bf16 (never in float32 first), with the weights a float32 load rounds to;
+    the text encoders, once released, hold no memory and refuse to run."""
+    reference = load_model(request.getfixturevalue(source), config_dir=tiny_model_dir)
+    loaded = load_model(request.getfixturevalue(source), config_dir=tiny_model_dir, unet_dtype=torch.bfloat16)
+    assert {parameter.dtype for parameter in loaded.unet.parameters()} == {torch.bfloat16}
+    assert {parameter.dtype for parameter in loaded.vae.parameters()} == {torch.float32}
+    expected = reference.unet.to(torch.bfloat16).state_dict()
+    for name, tensor in loaded.unet.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    loaded.release_text_encoders()
+    assert all(parameter.is_meta for parameter in loaded.text_encoder.parameters())
+    with pytest.raises(RuntimeError, match="text encoders were released"):
+        loaded.encode_prompts(["a woman"])
 
 
 def test_tokenizer_built_offline_matches_open_clip():

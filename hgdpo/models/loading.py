@@ -92,7 +92,14 @@ class SD15Components:
 
     def encode_prompts(self, prompts: list[str], size: tuple[int, int] | None = None) -> Conditioning:
         """The prompts as UNet conditioning (:meth:`hgdpo.models.families.ModelFamily.encode_prompts`)."""
+        if any(next(module.parameters()).is_meta for module in self.text_encoder_modules):
+            raise RuntimeError("The text encoders were released (release_text_encoders); load the model again.")
         return self.family.encode_prompts(prompts, self.tokenizers, self.text_encoder_modules, size)
+
+    def release_text_encoders(self) -> None:
+        """Free the text encoders' weights (SDXL: 3.3 GB) once every prompt is encoded; they cannot run after."""
+        for module in self.text_encoder_modules:
+            module.to("meta")
 
     def pipeline(self, scheduler=None):
         """A diffusers ``StableDiffusionPipeline`` sharing these modules (DPM-Solver++ by default)."""
@@ -257,7 +264,8 @@ def _text_encoder_from_state_dict(state_dict: dict[str, torch.Tensor], slot: Tex
     return model
 
 
-def _load_single_file(state_dict: dict[str, torch.Tensor], path: Path, family: ModelFamily, config_dir: Path) -> dict:
+def _load_single_file(state_dict: dict[str, torch.Tensor], path: Path, family: ModelFamily, config_dir: Path,
+                      unet_dtype: torch.dtype) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if not any(key.startswith(VAE_PREFIX) for key in state_dict):
@@ -265,7 +273,7 @@ def _load_single_file(state_dict: dict[str, torch.Tensor], path: Path, family: M
     config = str(config_dir)
     try:
         unet = UNet2DConditionModel.from_single_file(
-            state_dict, config=config, subfolder="unet", local_files_only=True
+            state_dict, config=config, subfolder="unet", local_files_only=True, torch_dtype=unet_dtype
         )
         vae = AutoencoderKL.from_single_file(state_dict, config=config, subfolder="vae", local_files_only=True)
     except (KeyError, RuntimeError, ValueError) as error:  # a key the family has is missing, or a shape differs
@@ -291,7 +299,8 @@ def _file_prediction(state_dict: dict[str, torch.Tensor], path: Path) -> Predict
 # --------------------------------------------------------------------------- folders and hub ids
 
 
-def _load_pretrained(source: str, wanted: ModelFamily | None, options: dict) -> tuple[ModelFamily, dict]:
+def _load_pretrained(source: str, wanted: ModelFamily | None, options: dict,
+                     unet_dtype: torch.dtype) -> tuple[ModelFamily, dict]:
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -311,7 +320,8 @@ def _load_pretrained(source: str, wanted: ModelFamily | None, options: dict) -> 
             f"{source}: UNet with cross_attention_dim={unet_config.get('cross_attention_dim')} does not fit its "
             f"text encoders ({context_dim} channels together): not an {family.label}-family model."
         )
-    modules["unet"] = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **options)
+    modules["unet"] = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=unet_dtype,
+                                                           **options)
     modules["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", **options)
     return family, modules
 
@@ -348,8 +358,9 @@ def load_model(
     local_files_only: bool | None = None,
     prediction_type: str | None = None,
     zero_terminal_snr: bool | None = None,
+    unet_dtype: torch.dtype = torch.float32,
 ) -> SD15Components:
-    """Load an SD1.5- or SDXL-family model (fp32, eval mode, on the CPU) from a file, a folder or a hub id.
+    """Load an SD1.5- or SDXL-family model (eval mode, on the CPU) from a file, a folder or a hub id.
 
     Returns :class:`SD15Components` or :class:`SDXLComponents` (``.family`` says which).
 
@@ -362,6 +373,8 @@ def load_model(
         prediction_type: ``"epsilon"`` or ``"v_prediction"``, overriding what the model declares (a
             single file's ``v_pred`` marker or ``modelspec.prediction_type``, a folder's scheduler config).
         zero_terminal_snr: force zero-terminal-SNR betas on or off (default: as declared).
+        unet_dtype: the UNet's weights are built in this dtype (the VAE and text encoders in float32). A trainer
+            whose frozen UNet runs in bf16 loads it so: an SDXL UNet never exists in float32 (10 GB) then.
     """
     from diffusers import DDPMScheduler
 
@@ -375,7 +388,7 @@ def load_model(
         state_dict = read_state_dict(path)
         found = family_of_checkpoint(detect_checkpoint_family(state_dict), path, wanted)
         folder = Path(config_dir) if config_dir is not None else found.config_dir
-        modules = _load_single_file(state_dict, path, found, folder)
+        modules = _load_single_file(state_dict, path, found, folder, unet_dtype)
         tokenizers = {slot.tokenizer_subfolder: clip_tokenizer(slot.pad_token) for slot in found.text_encoders}
         prediction = _file_prediction(state_dict, path)
         scheduler_source, scheduler_options = folder, {}
@@ -387,7 +400,7 @@ def load_model(
             )
         name = str(path) if path.is_dir() else source
         try:
-            found, modules = _load_pretrained(name, wanted, options)
+            found, modules = _load_pretrained(name, wanted, options, unet_dtype)
         except OSError as error:  # hub id not found, offline, or an incomplete folder
             raise FileNotFoundError(
                 f"Could not load {source!r}: {error}. Check the hub id and the network (downloads need to be "
@@ -487,14 +500,14 @@ class ModelOptions:
         if family is not None:
             self.check_size(family, size)
 
-    def load(self, source: str | Path, config_dir: str | Path | None = None,
-             size: tuple[int, int] | None = None) -> SD15Components:
+    def load(self, source: str | Path, config_dir: str | Path | None = None, size: tuple[int, int] | None = None,
+             unet_dtype: torch.dtype = torch.float32) -> SD15Components:
         """:func:`load_model` with these options; ``size`` is checked against the family before and after loading."""
         self.check_source(source, size)
         components = load_model(
             source, config_dir=config_dir,
             prediction_type=None if self.prediction_type == "auto" else self.prediction_type,
-            zero_terminal_snr=TRISTATE[self.zero_terminal_snr],
+            zero_terminal_snr=TRISTATE[self.zero_terminal_snr], unet_dtype=unet_dtype,
         )
         self.check_size(components.family, size)
         return components

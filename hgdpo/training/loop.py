@@ -260,7 +260,8 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     torch.manual_seed(config.seed)
 
     logger.info("Loading model %s", config.model)
-    components = config.model_options.load(config.model, config.model_config_dir, config.size)
+    components = config.model_options.load(config.model, config.model_config_dir, config.size,
+                                           unet_dtype=weight_dtype)
     family = components.family
     config.resolution = "x".join(map(str, family_size(config.size, family)))  # "auto" -> the family's
     logger.info("%s model, %s prediction, training at %s", family.label,
@@ -268,8 +269,7 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     dataset = open_preference_dataset(config.dataset, people_only=config.people_only)
     logger.info("Dataset %s: %d pairs (%s)", config.dataset, len(dataset), dataset.info)
     encoded, validation_text, negative_text = _encode_dataset(config, components, dataset, accelerator)
-    for text_encoder in components.text_encoder_modules:
-        text_encoder.to("cpu")  # not needed any more: validation prompts are encoded
+    components.release_text_encoders()  # the dataset and the validation prompts are encoded
     components.vae.to(device, dtype=family.vae_dtype(weight_dtype))
 
     unet = _make_policy(config, components.unet, device, weight_dtype)
