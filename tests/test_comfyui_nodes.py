@@ -641,7 +641,9 @@ def test_sdxl_shared_weights_path_equals_two_checkpoints_and_its_sft_half_is_sto
     separate, separate_sft = lan_ksampler(sdxl, model=dpo, steps=3)
     del second, dpo
     free(comfy)
-    torch.testing.assert_close(separate_sft, shared_sft)
+    # the SFT half of two checkpoints is the stock KSampler's (2 rows per call) bit for bit; the shared path runs
+    # SFT and DPO rows in one call, which rounds differently (ComfyUI 0.3.64, CPU: 1.6e-3 of values up to 549)
+    torch.testing.assert_close(separate_sft, shared_sft, rtol=1e-4, atol=1e-3)
     # the merged weights are rounded to fp16 (the shared path adds the LoRA in fp32): agreement to ~1e-3
     assert relative(separate, shared) < 5e-3
     assert relative(shared, shared_sft) > 5e-2
