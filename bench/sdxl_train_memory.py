@@ -12,11 +12,13 @@ bf16 and 8-bit AdamW (the last two on CUDA only):
 
 Each runs twice, with ``--steps`` A and B optimizer steps (alternated: A of each, then B of each), under a
 wrapper that records the process's wall time, ``torch.cuda.max_memory_allocated`` and ``ru_maxrss`` at exit
-(``--threads`` sets OMP_NUM_THREADS for both; on a shared CPU one thread avoids oversubscription). Throughput is
-``(B - A) * pairs / (wall_B - wall_A)``, so loading and encoding cancel out; the peak is that of run B.
+(``--threads`` sets OMP_NUM_THREADS for both; on a shared CPU one thread avoids oversubscription).
+Throughput is ``(B - A) * pairs / (wall_B - wall_A)``, so loading and encoding cancel out; the peak is that of
+run B.
 A run that fails is recorded with its error and the others go on.
 
-    python bench/sdxl_train_memory.py --peer /tmp/train_diffusion_dpo_sdxl.py --json bench/results/gpu-sdxl-1024-train.json
+    python bench/sdxl_train_memory.py --peer /tmp/train_diffusion_dpo_sdxl.py \
+        --json bench/results/gpu-train-sdxl-1024.json
 """
 
 from __future__ import annotations
@@ -109,12 +111,11 @@ def probed_run(command: list[str], log: Path, env: dict[str, str]) -> dict:
     return json.loads(probe[-1].removeprefix("PROBE "))
 
 
-def measure(args, variants: dict, model: Path, data: Path, env: dict[str, str]) -> dict:
-    """Runs with A and B steps, alternated (A of each variant, then B of each: a change of load on a shared
-    machine hits both alike); pairs/s from the difference of each variant's two, the peaks of run B."""
-    short, long = args.steps
+def alternated_runs(args, variants: dict, model: Path, data: Path, env: dict[str, str]) -> dict[str, dict]:
+    """Every variant's runs of A then B steps, alternated (A of each, then B of each: a change of load on a
+    shared machine hits both alike); a variant whose run A failed skips its run B."""
     runs = {name: {} for name in variants}
-    for steps in (short, long):
+    for steps in args.steps:
         for name, command_of in variants.items():
             if any("error" in run for run in runs[name].values()):
                 continue
@@ -123,20 +124,21 @@ def measure(args, variants: dict, model: Path, data: Path, env: dict[str, str]) 
             run["load_average_after"] = os.getloadavg()  # other jobs on a shared machine
             runs[name][steps] = run
             print(f"{name}, {steps} steps: {run}", flush=True)
-    results = {}
-    for name, by_steps in runs.items():
-        errors = [run["error"] for run in by_steps.values() if "error" in run]
-        if errors:
-            results[name] = {"runs": by_steps, "error": errors[0]}
-            continue
-        seconds = by_steps[long]["wall_s"] - by_steps[short]["wall_s"]
-        if seconds <= 0:  # the load changed between the runs more than the extra steps cost
-            results[name] = {"runs": by_steps, "error": f"run B was not slower than run A ({seconds:.1f} s)"}
-            continue
-        results[name] = {"runs": by_steps, "pairs_per_s": (long - short) * args.pairs / seconds,
-                         "s_per_step": seconds / (long - short), "cuda_peak_bytes": by_steps[long]["cuda_peak_bytes"],
-                         "max_rss_kib": by_steps[long]["max_rss_kib"]}
-    return results
+    return runs
+
+
+def figures(args, by_steps: dict[int, dict]) -> dict:
+    """One variant's pairs/s from the difference of its runs A and B, and the peaks of run B (or its error)."""
+    short, long = args.steps
+    errors = [run["error"] for run in by_steps.values() if "error" in run]
+    seconds = None if errors else by_steps[long]["wall_s"] - by_steps[short]["wall_s"]
+    if seconds is not None and seconds <= 0:  # the load changed between the runs more than the extra steps cost
+        errors = [f"run B was not slower than run A ({seconds:.1f} s)"]
+    if errors:
+        return {"runs": by_steps, "error": errors[0]}
+    return {"runs": by_steps, "pairs_per_s": (long - short) * args.pairs / seconds,
+            "s_per_step": seconds / (long - short), "cuda_peak_bytes": by_steps[long]["cuda_peak_bytes"],
+            "max_rss_kib": by_steps[long]["max_rss_kib"]}
 
 
 def main() -> int:
@@ -170,7 +172,8 @@ def main() -> int:
     if args.threads:  # torch's intra-op threads in both scripts (OpenMP/MKL read these at start)
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     variants = {"ours": ours_command} | ({"diffusers": peer_command} if args.peer else {})
-    results = measure(args, variants, model, data, env)
+    results = {name: figures(args, by_steps)
+               for name, by_steps in alternated_runs(args, variants, model, data, env).items()}
     report = {"settings": {key: value for key, value in vars(args).items()},
               "environment": {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                               "load_average": os.getloadavg()},

@@ -42,8 +42,8 @@ def test_diffusers_folder_loads(tiny_models, tiny_model_dir):
 
 @pytest.mark.parametrize("source", ["tiny_single_file", "tiny_model_dir"])
 def test_unet_loads_straight_into_the_training_dtype(source, tiny_model_dir, request):
-    """The trainer's bf16 UNet is built in bf16 (never in float32 first), with the weights a float32 load rounds to;
-    the text encoders, once released, hold no memory and refuse to run."""
+    """A UNet loaded in bf16 is bf16 throughout and holds exactly the float32 load's weights rounded to bf16;
+    released text encoders hold only meta tensors, and encoding afterwards is refused in one line."""
     reference = load_model(request.getfixturevalue(source), config_dir=tiny_model_dir)
     loaded = load_model(request.getfixturevalue(source), config_dir=tiny_model_dir, unet_dtype=torch.bfloat16)
     assert {parameter.dtype for parameter in loaded.unet.parameters()} == {torch.bfloat16}

@@ -253,7 +253,8 @@ def prepare_output_dir(output_dir: Path) -> Path:
     """
     marker = output_dir / DEMO_MARKER
     if output_dir.exists() and not (output_dir.is_dir() and not output_dir.is_symlink()):
-        raise FileExistsError(f"{output_dir} exists and is not a folder; give the demo a new --output-dir.")
+        raise FileExistsError(f"{output_dir} exists and is not a folder (a file or a link); give the demo a new "
+                              "--output-dir.")
     if output_dir.exists() and any(output_dir.iterdir()):
         if not marker.is_file():
             raise FileExistsError(f"{output_dir} is not empty and was not written by the demo; give a new or empty "

@@ -318,6 +318,7 @@ def _forget_earlier_runs() -> None:
 
     accelerate keeps its mixed precision and accumulation process-wide and refuses a new ``Accelerator``
     with other values; the process group (``PartialState``) is kept, so ``accelerate launch`` is unaffected.
+    ``_reset_state`` is accelerate's own (private) reset, the one its test suite uses between runs.
     """
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
