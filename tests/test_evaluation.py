@@ -17,7 +17,7 @@ from PIL import Image
 from hgdpo.evaluation.colorshift import colour_shift, images_mean_hsv, mean_hsv, percent_change, rgb_to_hsv
 from hgdpo.evaluation.evaluate import ImageCache, MetricSpec, ModelSpec, generate_missing, metric_result, model_digest
 from hgdpo.inference.sampling import SamplingConfig
-from hgdpo.evaluation.winrate import win_rate
+from hgdpo.evaluation.winrate import crossed_win_rate, win_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,6 +155,31 @@ def clip_dir(tmp_path_factory):
     build_tiny_processor().save_pretrained(folder)
     return folder
 
+
+
+def test_crossed_interval_widens_when_one_seed_decides_every_prompt():
+    # 40 prompts x 8 seeds: the candidate wins every prompt on 5 seeds and loses every prompt on 3
+    table = np.tile(np.array([1.0] * 5 + [0.0] * 3), (40, 1))
+    crossed, pairs = crossed_win_rate(table), win_rate(table.ravel())
+    assert crossed.rate == pairs.rate == pytest.approx(0.625) and (crossed.wins, crossed.losses) == (200, 120)
+    assert pairs.low > 0.5, "320 pairs taken as independent exclude 0.5"
+    assert crossed.low < 0.5 < 0.625 < crossed.high, "8 seeds do not"
+    # independent outcomes: the crossed interval is about as wide as the one over pairs
+    noise = np.random.default_rng(1).choice([0.0, 0.5, 1.0], size=(40, 8), p=[0.3, 0.2, 0.5])
+    ratio = (crossed_win_rate(noise).high - crossed_win_rate(noise).low) / (
+        win_rate(noise.ravel()).high - win_rate(noise.ravel()).low)
+    assert 0.8 < ratio < 1.25
+
+
+def test_crossed_interval_of_one_seed_is_the_bootstrap_over_prompts_and_metric_result_uses_it():
+    outcomes = [1, 1, 0, 0.5, 1, 0]
+    assert crossed_win_rate(np.array(outcomes)[:, None], resamples=500) == win_rate(outcomes, resamples=500)
+    with pytest.raises(ValueError, match="prompts x seeds"):
+        crossed_win_rate(np.array(outcomes))
+    baseline = np.zeros(40 * 8)
+    candidate = np.tile(np.array([1.0] * 5 + [-1.0] * 3), 40)  # prompt-major, 8 seeds per prompt
+    result = metric_result(MetricSpec("x"), baseline, candidate, 0.0, 2000, seeds=8)["win_rate"]
+    assert result == crossed_win_rate(candidate.reshape(40, 8) > 0, resamples=2000).as_dict()
 
 def test_evaluate_cli_end_to_end(tmp_path, tiny_model_dir, tiny_lora, clip_dir):
     prompts = tmp_path / "parti.tsv"

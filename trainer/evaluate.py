@@ -9,7 +9,8 @@
     python trainer/evaluate.py ... --metrics clip aesthetic      # later: other metrics, no image regenerated
 
 For each prompt and seed both models generate one image (same seed); every metric scores both, and the
-report gives the candidate's win rate per metric with a bootstrap 95% interval (paper Tables 1, 3, 5, 6),
+report gives the candidate's win rate per metric with a 95% interval (paper Tables 1, 3, 5, 6; with several
+``--seeds`` the interval treats prompts and seeds as crossed random factors),
 the mean hue / saturation / value change against the baseline (Table 2) and the channel-wise latent
 statistics (Fig. 5b). Writes ``report.md``, ``report.html``, ``report.json``, plots and an image grid into
 ``--output-dir``; images are cached (``--image-cache``), so re-running resumes or reuses them.

@@ -5,7 +5,8 @@ the baseline and the candidate each generate one image from the same prompt and 
 
 * **win rates** (Tables 1, 3, 5, 6): every metric scores both images of each (prompt, seed) pair; the
   candidate's win rate is the share of pairs where its image scores higher, ties counting half, with a
-  percentile-bootstrap 95% interval (:mod:`hgdpo.evaluation.winrate`);
+  95% interval (:mod:`hgdpo.evaluation.winrate`): a percentile bootstrap over prompts for one seed; with
+  several seeds, prompts and seeds are crossed random factors, since pairs sharing either are correlated;
 * **colour shift** (Table 2): each model's mean hue, saturation and value and their change against the
   baseline in percent (:mod:`hgdpo.evaluation.colorshift`);
 * **latent statistics** (Fig. 5b's statistic): the channel-wise mean / std of each image's final
@@ -123,7 +124,7 @@ class EvaluationConfig:
     batch_size: int = option(4, "Images per UNet batch.", at_least=1)
     grid_pairs: int = option(16, "Pairs shown side by side in the image grid.", at_least=0)
     tie_tolerance: float = option(0.0, "Score differences up to this count as ties.", at_least=0)
-    resamples: int = option(10_000, "Bootstrap resamples of the 95%% intervals.", at_least=1, at_most=10_000_000,
+    resamples: int = option(10_000, "Bootstrap resamples of the 95%% intervals (with one seed).", at_least=1, at_most=10_000_000,
                             flag="--bootstrap")
     model_config_dir: str | None = option(None, CONFIG_DIR_HELP)
     device: str | None = option(None, DEVICE_HELP)
@@ -439,19 +440,23 @@ def score_cached(scorer: Scorer, cache: ImageCache, pairs: Sequence[tuple[str, i
 
 
 def metric_result(metric: MetricSpec, baseline: np.ndarray, candidate: np.ndarray, tie_tolerance: float,
-                  resamples: int) -> dict[str, Any]:
-    """Means, the candidate's win rate with its bootstrap interval (Tables 1, 3, 5, 6), and the score differences."""
-    from hgdpo.evaluation.statistics import score_gap_stats
-    from hgdpo.evaluation.winrate import outcomes_from_scores, win_rate
+                  resamples: int, seeds: int = 1) -> dict[str, Any]:
+    """Means, the candidate's win rate with its 95% interval (Tables 1, 3, 5, 6), and the score differences.
 
-    outcomes = outcomes_from_scores(candidate, baseline, tie_tolerance)
+    The scores are prompt-major over ``seeds`` seeds per prompt; with several, the interval resamples
+    prompts and seeds (:func:`~hgdpo.evaluation.winrate.crossed_win_rate`).
+    """
+    from hgdpo.evaluation.statistics import score_gap_stats
+    from hgdpo.evaluation.winrate import crossed_win_rate, outcomes_from_scores
+
+    outcomes = outcomes_from_scores(candidate, baseline, tie_tolerance).reshape(-1, seeds)
     return {
         "label": metric.label,
         "model": metric.model,
         "processor": metric.processor,
         "baseline_mean": float(baseline.mean()),
         "candidate_mean": float(candidate.mean()),
-        "win_rate": win_rate(outcomes, resamples=resamples).as_dict(),
+        "win_rate": crossed_win_rate(outcomes, resamples=resamples).as_dict(),
         "difference": score_gap_stats(candidate - baseline),
     }
 
@@ -551,7 +556,7 @@ def run_evaluation(config: EvaluationConfig, *,
         del scorer
         metrics[metric.name] = metric_result(metric, scores[metric.name][config.baseline.label],
                                              scores[metric.name][config.candidate.label], config.tie_tolerance,
-                                             config.resamples)
+                                             config.resamples, seeds=len(config.seeds))
 
     measured = {spec.label: measure_images(caches[spec.label], pairs) for spec in specs}
     hsv = {label: values[0] for label, values in measured.items()}

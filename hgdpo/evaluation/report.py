@@ -4,7 +4,7 @@
 
 * ``report.json`` -- every figure and every pair's scores, machine-readable;
 * ``report.md`` and ``report.html`` -- the candidate's win rate per metric (paper Table 1's layout: one
-  row per comparison, one column per metric, with the bootstrap 95% interval), mean scores, the colour
+  row per comparison, one column per metric, with the 95% interval), mean scores, the colour
   shift (Table 2: mean hue / saturation / value and the change against the baseline in percent) and the
   latent statistics (Fig. 5b's channel-wise statistic);
 * ``win_rates.png``, ``score_differences.png``, ``colour_shift.png`` -- matplotlib plots;
@@ -134,7 +134,7 @@ def _plot_win_rates(path: Path, report: Mapping[str, Any]) -> None:
                        for m in metrics]).T * 100
     axis.bar([m["label"] for m in metrics], rates, yerr=errors, capsize=6, color="#4477aa")
     axis.axhline(50, color="grey", linestyle="--", linewidth=1)
-    axis.set(ylim=(0, 100), ylabel="win rate (%), 95% bootstrap interval",
+    axis.set(ylim=(0, 100), ylabel="win rate (%), 95% interval",
              title=f"{report['candidate']} vs {report['baseline']} (ties count half)")
     figure.tight_layout()
     figure.savefig(path)
@@ -228,8 +228,14 @@ def _settings_line(report: Mapping[str, Any]) -> str:
     return (f"{s['num_prompts']} prompts x {len(s['seeds'])} seed(s) = {s['num_pairs']} pairs from "
             f"{s['prompts'] or 'the given prompts'}; {sampling['sampler']} ({sampling['schedule']}), "
             f"{sampling['steps']} steps, CFG {sampling['guidance_scale']:g}, {sampling['width']}x{sampling['height']}, "
-            f"{s['dtype']}. Win rates count ties as half; intervals are {s['bootstrap_resamples']}-resample "
-            "percentile-bootstrap 95% intervals.")
+            f"{s['dtype']}. Win rates count ties as half; {_interval_kind(s)}.")
+
+
+def _interval_kind(settings: Mapping[str, Any]) -> str:
+    """How the intervals were made (:func:`hgdpo.evaluation.winrate.crossed_win_rate`)."""
+    if len(settings["seeds"]) > 1 and settings["num_prompts"] > 1:
+        return "95% intervals treat prompts and seeds as crossed random factors (two-way random-effects ANOVA)"
+    return f"intervals are {settings['bootstrap_resamples']}-resample percentile-bootstrap 95% intervals"
 
 
 def _markdown(report: Mapping[str, Any]) -> str:

@@ -1,0 +1,74 @@
+"""``python -m hgdpo.toyworld build``: both phases at a tiny size, resuming after the base phase, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hgdpo.toyworld.__main__ import main
+from hgdpo.toyworld.build import BASE_RECORD, BuildSettings, build_world, training_noise
+
+TINY = BuildSettings(num_images=64, vae_steps=2, unet_steps=2, batch_size=4, offset_steps=2, offset_images=32,
+                     scorer_steps=2)
+UNET = "sft/unet/diffusion_pytorch_model.safetensors"
+
+
+def _unet(folder, name: str = UNET) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / name))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world") / "out", TINY)
+
+
+def test_build_writes_both_phases_and_the_record(built):
+    record = json.loads((built / "world.json").read_text())
+    assert record["settings"]["offset_noise"] == TINY.offset_noise == 0.25
+    assert record["base_seconds"] > 0 and record["build_seconds"] >= record["base_seconds"]
+    assert (built / "scorer.safetensors").is_file() and (built / "sft" / "model_index.json").is_file()
+    base, sft = _unet(built, "base/unet/diffusion_pytorch_model.safetensors"), _unet(built)
+    assert base.keys() == sft.keys()
+    assert any(not torch.equal(base[key], sft[key]) for key in base), "the offset-noise phase changed nothing"
+
+
+def test_build_resumes_after_the_base_phase_with_the_same_result(built, tmp_path):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(built / "base", resumed / "base")
+    build_world(resumed, TINY)
+    first, second = _unet(built), _unet(resumed)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert json.loads((resumed / "world.json").read_text())["base_seconds"] == json.loads(
+        (built / "base" / BASE_RECORD).read_text())["seconds"]
+
+
+def test_build_refuses_a_finished_world_and_a_base_of_other_settings(built, tmp_path, capsys):
+    before = _unet(built)
+    with pytest.raises(FileExistsError, match="choose a new output folder"):
+        build_world(built, TINY)
+    assert all(torch.equal(before[key], value) for key, value in _unet(built).items())
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copytree(built / "base", other / "base")
+    with pytest.raises(ValueError, match="other settings"):
+        build_world(other, replace(TINY, unet_steps=3))
+    assert not (other / "sft").exists()
+    (other / "base" / BASE_RECORD).unlink()
+    with pytest.raises(SystemExit) as stopped:
+        main(["build", str(other)])
+    assert stopped.value.code == 2 and "not a base phase this build wrote" in capsys.readouterr().err
+
+
+def test_offset_noise_adds_one_constant_per_image_and_channel():
+    generator = torch.Generator().manual_seed(0)
+    plain = training_noise(torch.Size((256, 4, 16, 16)), 0.0, generator)
+    offset = training_noise(torch.Size((256, 4, 16, 16)), 0.25, generator)
+    # the channel means of 16x16 plain noise spread 1/16; the offset adds 0.25 in quadrature
+    assert plain.mean(dim=(2, 3)).std().item() == pytest.approx(1 / 16, rel=0.1)
+    assert offset.mean(dim=(2, 3)).std().item() == pytest.approx((0.25**2 + 1 / 256) ** 0.5, rel=0.1)
