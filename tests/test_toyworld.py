@@ -1,11 +1,14 @@
 """HG-DPO learns in the toy world: the whole pipeline (pools, AI feedback, DPO + statistic matching, LoRA,
 evaluation) makes the shipped toy SFT model draw figures that the world's scorer prefers, on held-out prompts.
 
-This runs the README demo's stages at a smaller size (a few CPU minutes). The judge's figure, which no
+This runs the README demo's stages without its DPO-only LoRA and its 0.5 weight (a few CPU minutes). The judge's figure, which no
 stage optimised, is reported in the assertion messages and printed.
 """
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from hgdpo.toyworld.scorer import SHIPPED
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "sft" / "unet").is_dir(), reason="the built toy world is not shipped")
 
-SHORT = DemoSettings(num_train_prompts=64, num_eval_prompts=20, eval_seeds=(0, 1, 2, 3), pool_size=6,
+SHORT = DemoSettings(num_train_prompts=64, num_eval_prompts=20, eval_seeds=tuple(range(8)), pool_size=6,
                      train_steps=100, learning_rate=5e-4, compare_dpo_only=False, lora_weights=(1.0,), grid_prompts=4)
 
 
@@ -34,13 +37,16 @@ def test_hgdpo_lora_beats_sft_by_the_scorer(figures):
     scorer, judge = row["scorer_win_rate"], row["judge_win_rate"]
     print(f"scorer win rate {scorer}, judge win rate {judge}, judge-correct {figures['models']['sft']['judge_correct']}"
           f" -> {row['judge_correct']}")
-    # the judge's figure is reported, not asserted: the demo's 160 pairs put it above 0.5 with 95% confidence
-    # (0.57 [0.52, 0.63] at 1, README), but these 80 pairs (seeds 0-3 of the same prompts) do not (0.51 [0.43, 0.59])
+    # the judge's figure is reported, not asserted: on these 160 pairs it is 0.53 [0.50, 0.57] at LoRA 1 (README),
+    # on seeds 0-3 alone 0.49 [0.43, 0.56]; its interval does not reliably clear 0.5
     assert scorer["low"] > 0.5, f"scorer win rate {scorer} (judge {judge})"
 
 
-def test_lan_keeps_the_gain_and_the_report_is_written(figures):
-    row = figures["models"]["lora_lan"]
-    assert row["scorer_win_rate"]["rate"] > 0.5, row
+def test_training_fits_its_pairs_and_the_report_shows_every_model(figures):
     assert figures["training"]["hgdpo"]["dpo/implicit_accuracy last"] > 0.5
-    assert figures["report"].endswith("report.html")
+    report = Path(figures["report"])
+    page = report.read_text(encoding="utf-8")
+    for label in ("HG-DPO LoRA @ 1", "HG-DPO LoRA @ 1 + LAN 1", "SFT (baseline)"):
+        assert f"<td>{label}</td>" in page
+    grid = re.search(r'<img src="([^"]+)"', page).group(1)
+    assert (report.parent / grid).is_file()

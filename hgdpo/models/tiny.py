@@ -121,8 +121,12 @@ def save_diffusers_folder(models: dict[str, nn.Module], configs: dict[str, dict]
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    models["unet"].save_pretrained(path / "unet", safe_serialization=True)
-    models["vae"].save_pretrained(path / "vae", safe_serialization=True)
+    for name in ("unet", "vae"):
+        models[name].save_pretrained(path / name, safe_serialization=True)
+        config_file = path / name / "config.json"
+        config = json.loads(config_file.read_text())
+        config.pop("_name_or_path", None)  # a model loaded from a folder would record that folder's local path
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     text_dir = path / "text_encoder"
     text_dir.mkdir(exist_ok=True)
     (text_dir / "config.json").write_text(json.dumps(configs["text_encoder"], indent=2) + "\n")

@@ -231,7 +231,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}img{{image-rendering:pixelated}}</
 <h1>HG-DPO in the toy world</h1>
 <p>Held-out prompts, one per row, with the seeds in turn; in a row every column starts from the same noise. Columns: {html.escape(columns)}.</p>
 <img src="{grid.name}" alt="before/after grid">
-<h2>Win rates over SFT ({figures['num_pairs']} prompt-seed pairs, ties count half, bootstrap 95% interval)</h2>
+<h2>Win rates over SFT ({figures['num_pairs']} prompt-seed pairs, ties count half; 95% interval with prompts and seeds as crossed random factors)</h2>
 <table><tr><th>model</th><th>by the scorer (trained on)</th><th>by the judge (held out)</th>
 <th>judge: share fully correct</th><th>colour shift vs SFT (mean HSV)</th></tr>{''.join(rows)}</table>
 <h2>Training (first tenth &rarr; last tenth of the steps)</h2>
