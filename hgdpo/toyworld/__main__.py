@@ -1,4 +1,5 @@
-"""``python -m hgdpo.toyworld build OUT``: rebuild the toy world's SFT model and scorer from scratch."""
+"""``python -m hgdpo.toyworld build OUT``: rebuild the toy world's SFT model and scorer from scratch
+(two phases: a base phase with plain noise, then offset-noise training; resumable after the base phase)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hgdpo.toyworld", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="Train the SFT model and the scorer into a new folder OUT.")
-    build.add_argument("output_dir", metavar="OUT", help="New folder for sft/, scorer.safetensors and world.json.")
+    build.add_argument("output_dir", metavar="OUT", help="Folder for base/, sft/, scorer.safetensors and world.json: a new one, or one whose base/ "
+                       "an interrupted build finished (the build resumes after the base phase).")
     for spec in fields(BuildSettings):
         build.add_argument("--" + spec.name.replace("_", "-"), type=type(spec.default), default=spec.default,
                            help=f"(default: {spec.default})")

@@ -1,4 +1,4 @@
-"""The README's demo: HG-DPO fixing figures of the toy world, end to end on a CPU, with the project's own code.
+"""The README's demo: HG-DPO on the figures of the toy world, end to end on a CPU, with the project's own code.
 
 1. **Pools** (:func:`hgdpo.data.builder.build_dataset`): the shipped toy SFT model draws a pool of images per
    training prompt; the world's scorer (the plug-in ``hgdpo.toyworld.scorer:WorldScorer``) ranks them;
@@ -43,8 +43,8 @@ class DemoSettings:
     model: str = str(SHIPPED / "sft")
     num_train_prompts: int = 64
     num_eval_prompts: int = 20
-    # one seed's noise sets the figure's placement for every prompt (held-out judge-correct share 0% to
-    # 62% by seed alone on the SFT model), so the evaluation spreads over 8 seeds rather than more prompts
+    # one seed's noise sets the figure alike for every prompt (the SFT model's held-out judge-correct share
+    # ranges from 25% to 75% by seed alone), so the evaluation spreads over 8 seeds rather than more prompts
     eval_seeds: tuple[int, ...] = tuple(range(8))
     pool_size: int = 6
     steps: int = 10  # DPM-Solver++ steps, for pools and evaluation
