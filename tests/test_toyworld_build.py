@@ -32,6 +32,8 @@ def test_build_writes_both_phases_and_the_record(built):
     assert record["settings"]["offset_noise"] == TINY.offset_noise == 0.25
     assert record["base_seconds"] > 0 and record["offset_and_scorer_seconds"] > 0
     assert (built / "scorer.safetensors").is_file() and (built / "sft" / "model_index.json").is_file()
+    # phase 2 saves a model loaded from base/: its configs must not record that local folder
+    assert "_name_or_path" not in (built / "sft" / "unet" / "config.json").read_text()
     base, sft = _unet(built, "base/unet/diffusion_pytorch_model.safetensors"), _unet(built)
     assert base.keys() == sft.keys()
     assert any(not torch.equal(base[key], sft[key]) for key in base), "the offset-noise phase changed nothing"

@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hgdpo.toyworld", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="Train the SFT model and the scorer into a new folder OUT.")
-    build.add_argument("output_dir", metavar="OUT", help="Folder for base/, sft/, scorer.safetensors and world.json: a new one, or one whose base/ "
-                       "an interrupted build finished (the build resumes after the base phase).")
+    build.add_argument("output_dir", metavar="OUT",
+                       help="Folder for base/, sft/, scorer.safetensors and world.json: a new one, or one whose "
+                       "base/ an interrupted build finished (the build resumes after the base phase).")
     for spec in fields(BuildSettings):
         build.add_argument("--" + spec.name.replace("_", "-"), type=type(spec.default), default=spec.default,
                            help=f"(default: {spec.default})")
