@@ -115,7 +115,8 @@ def save_diffusers_folder(models: dict[str, nn.Module], configs: dict[str, dict]
 
     The text encoder's weights keep the ``text_model.`` prefix (the layout of the hub's SD1.5 and of
     transformers 4): transformers 5 would drop it, and ComfyUI's diffusers loader then silently
-    leaves the text encoder uninitialised. transformers 5 reads either layout.
+    leaves the text encoder uninitialised. transformers 5 reads either layout. The UNet and VAE write their
+    own configs, without the local folder a loaded model would record; ``configs`` gives the text encoder's.
     """
     from safetensors.torch import save_file
 

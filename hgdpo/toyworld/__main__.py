@@ -14,7 +14,7 @@ from hgdpo.toyworld.build import BuildSettings, build_world
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hgdpo.toyworld", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="Train the SFT model and the scorer into a new folder OUT.")
+    build = commands.add_parser("build", help="Train the SFT model and the scorer into OUT.")
     build.add_argument("output_dir", metavar="OUT",
                        help="Folder for base/, sft/, scorer.safetensors and world.json: a new one, or one whose "
                        "base/ an interrupted build finished (the build resumes after the base phase).")

@@ -242,9 +242,12 @@ def check_base(base_dir: Path, settings: BuildSettings) -> dict:
     if not (base_dir / BASE_RECORD).is_file():
         raise ValueError(f"{base_dir} is not a base phase this build wrote (no {BASE_RECORD}): build into a new folder.")
     record = json.loads((base_dir / BASE_RECORD).read_text())
-    if record["settings"] != settings.base_record():
-        raise ValueError(f"{base_dir} was trained with other settings ({record['settings']}): build into a new "
-                         "folder, or pass the same settings to resume.")
+    wanted = settings.base_record()
+    if record["settings"] != wanted:
+        differences = "; ".join(f"{name} {record['settings'].get(name)} there, {value} asked"
+                                for name, value in wanted.items() if record["settings"].get(name) != value)
+        raise ValueError(f"{base_dir} was trained with other settings ({differences}): build into a new folder, "
+                         "or pass the same settings to resume.")
     return record
 
 
