@@ -473,6 +473,7 @@ def build_dataset(config: BuildConfig, scorer: Scorer, *, components=None, show_
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     rank, world = state.process_index, state.num_processes
+    state.wait_for_everyone()  # every rank has checked the output folder before the main one writes into it
     if state.is_main_process:
         (out / RECORDS_DIRNAME).mkdir(parents=True, exist_ok=True)
         _check_or_write_settings(out, settings)
