@@ -67,6 +67,20 @@ def test_build_refuses_a_finished_world_and_a_base_of_other_settings(built, tmp_
     assert stopped.value.code == 2 and "not a base phase this build wrote" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, says", [
+    ("--offset-steps", "-5", "--offset-steps -5: out of range; give an integer >= 1"),
+    ("--malformed-share", "1.5", "--malformed-share 1.5: out of range"),
+    ("--ema-decay", "1", "--ema-decay 1.0: out of range"),
+    ("--learning-rate", "nan", "--learning-rate"),
+])
+def test_bad_settings_stop_before_anything_is_written(tmp_path, capsys, flag, value, says):
+    out = tmp_path / "world"
+    with pytest.raises(SystemExit) as stopped:
+        main(["build", str(out), flag, value])
+    assert stopped.value.code == 2 and says in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_offset_noise_adds_one_constant_per_image_and_channel():
     generator = torch.Generator().manual_seed(0)
     plain = training_noise(torch.Size((256, 4, 16, 16)), 0.0, generator)

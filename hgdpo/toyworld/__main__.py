@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import fields
-
+from hgdpo.options import add_options, options_of
 from hgdpo.toyworld.build import BuildSettings, build_world
 
 
@@ -18,16 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("output_dir", metavar="OUT",
                        help="Folder for base/, sft/, scorer.safetensors and world.json: a new one, or one whose "
                        "base/ an interrupted build finished (the build resumes after the base phase).")
-    for spec in fields(BuildSettings):
-        build.add_argument("--" + spec.name.replace("_", "-"), type=type(spec.default), default=spec.default,
-                           help=f"(default: {spec.default})")
+    add_options(build, BuildSettings)
     args = parser.parse_args(argv)
+    settings = BuildSettings(**{spec.name: getattr(args, spec.name) for spec in options_of(BuildSettings)
+                                if hasattr(args, spec.name)})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = BuildSettings(**{spec.name: getattr(args, spec.name) for spec in fields(BuildSettings)})
     try:
         build_world(args.output_dir, settings)
     except (FileExistsError, ValueError) as error:
-        parser.error(str(error))
+        build.error(str(error))
     return 0
 
 

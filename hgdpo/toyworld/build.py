@@ -32,6 +32,7 @@ import torch
 
 from hgdpo.models.loading import clip_tokenizer, load_sd15
 from hgdpo.models.tiny import build_models, save_diffusers_folder, sd15_configs
+from hgdpo.options import SEED_LIMITS, check_fields, option
 from hgdpo.toyworld import world
 from hgdpo.toyworld.scorer import train_scorer
 
@@ -55,20 +56,26 @@ class Phase:
 class BuildSettings:
     """How the world's models are trained (the defaults are the shipped world's)."""
 
-    seed: int = 0
-    num_images: int = 12000  # rendered training images
-    malformed_share: float = 0.3  # share of the SFT training images with a malformation
-    vae_steps: int = 800
-    unet_steps: int = 2500
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    uncond_share: float = 0.1  # prompts dropped to "" so that classifier-free guidance works
-    ema_decay: float = 0.995
-    offset_noise: float = 0.25  # phase 2: the per-channel noise constant's standard deviation
-    offset_steps: int = 300
-    offset_learning_rate: float = 3e-4
-    offset_images: int = 6000  # new renders for phase 2
-    scorer_steps: int = 1000
+    seed: int = option(0, "Seed of the renders, the initial weights and every training step.", **SEED_LIMITS)
+    num_images: int = option(12000, "Rendered training images of the base phase.", at_least=1)
+    malformed_share: float = option(0.3, "Share of the training images with a malformation.", at_least=0, at_most=1)
+    vae_steps: int = option(800, "VAE training steps.", at_least=1)
+    unet_steps: int = option(2500, "Base phase: UNet and text encoder steps (plain noise).", at_least=1)
+    batch_size: int = option(32, "Batch size of every training phase.", at_least=1)
+    learning_rate: float = option(1e-3, "Base phase learning rate.", above=0)
+    uncond_share: float = option(0.1, "Share of prompts dropped to \"\" so that classifier-free guidance works.",
+                                 at_least=0, at_most=1)
+    ema_decay: float = option(0.995, "Decay of the weights' moving average.", at_least=0, below=1)
+    offset_noise: float = option(0.25, "Offset phase: the per-channel noise constant's standard deviation.",
+                                 at_least=0)
+    offset_steps: int = option(300, "Offset phase: UNet and text encoder steps.", at_least=1)
+    offset_learning_rate: float = option(3e-4, "Offset phase learning rate.", above=0)
+    offset_images: int = option(6000, "Offset phase: new renders.", at_least=1)
+    scorer_steps: int = option(1000, "Scorer training steps.", at_least=1)
+
+    def validate(self) -> None:
+        """Check every setting before anything is rendered; raise a one-line ValueError naming the option."""
+        check_fields(self)
 
     def base_phase(self) -> Phase:
         """Phase 1: the training set, plain noise."""
@@ -266,6 +273,7 @@ def build_world(output_dir: str | Path, settings: BuildSettings | None = None) -
     """Train the SFT model and the scorer into ``output_dir`` (``base/``, ``sft/``, ``scorer.safetensors``,
     ``world.json``), resuming after the base phase if ``base/`` is there."""
     settings = settings or BuildSettings()
+    settings.validate()
     output_dir = Path(output_dir)
     if (output_dir / "sft").exists():
         raise FileExistsError(f"{output_dir / 'sft'} exists: choose a new output folder (nothing is overwritten).")
