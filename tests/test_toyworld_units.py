@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ import pytest
 from hgdpo.toyworld import world
 from hgdpo.toyworld.judge import AnatomyJudge, count_parts, judge
 from hgdpo.toyworld.scorer import SHIPPED, WorldScorer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sample_scenes(count: int, seed: int = 3) -> list[world.Scene]:
@@ -117,3 +122,12 @@ def test_demo_output_folder_is_replaced_only_when_the_demo_wrote_it(tmp_path):
     assert (demo / DEMO_MARKER).is_file()
     (demo / "report.html").write_text("old run")
     assert list(prepare_output_dir(demo).iterdir()) == [demo / DEMO_MARKER]  # an earlier run is replaced
+
+
+@pytest.mark.parametrize("flag, value", [("--threads", "0"), ("--train-steps", "0")])
+def test_demo_refuses_bad_counts_before_anything_runs(tmp_path, flag, value):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, str(ROOT / "trainer" / "demo.py"), "--output-dir", str(out), flag, value],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"{flag} must be at least 1, got 0." in result.stderr
+    assert not out.exists()
