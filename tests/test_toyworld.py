@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from hgdpo.toyworld.demo import DemoSettings, run_demo
+from hgdpo.toyworld.judge import CHECKS
 from hgdpo.toyworld.scorer import SHIPPED
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "sft" / "unet").is_dir(), reason="the built toy world is not shipped")
@@ -48,5 +49,9 @@ def test_training_fits_its_pairs_and_the_report_shows_every_model(figures):
     page = report.read_text(encoding="utf-8")
     for label in ("HG-DPO LoRA @ 1", "HG-DPO LoRA @ 1 + LAN 1", "SFT (baseline)"):
         assert f"<td>{label}</td>" in page
+    sft_checks, lora_checks = figures["models"]["sft"]["judge_checks"], figures["models"]["lora_1"]["judge_checks"]
+    assert list(sft_checks) == list(CHECKS) and all(0.0 <= share <= 1.0 for share in lora_checks.values())
+    assert figures["models"]["lora_1"]["judge_correct"] <= min(lora_checks.values())  # correct = every check passed
+    assert "The judge's checks" in page and f"<td>{lora_checks['pose']:.1%}</td>" in page
     grid = re.search(r'<img src="([^"]+)"', page).group(1)
     assert (report.parent / grid).is_file()

@@ -9,7 +9,8 @@
    LAN (Eq. 7), on held-out prompts and fixed seeds, by the scorer and by the held-out judge
    (:mod:`hgdpo.toyworld.judge`), which no stage above ever saw.
 4. **Report**: ``report.html`` with the before/after grid on the same seeds, the win rates with 95%
-   intervals, the colour shift and the statistic term's share of the loss.
+   intervals, the colour shift, the share of images passing each of the judge's checks and the statistic
+   term's share of the loss.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from hgdpo.toyworld import world
+from hgdpo.toyworld import judge, world
 from hgdpo.toyworld.scorer import SHIPPED
 
 logger = logging.getLogger("hgdpo.toyworld")
@@ -157,6 +158,12 @@ def correct_share(report: dict[str, Any], label: str) -> float:
     return float(np.mean([pair["scores"][JUDGE][label] >= 1.0 for pair in report["pairs"]]))
 
 
+def check_shares(report: dict[str, Any], label: str) -> dict[str, float]:
+    """The share of a model's images that pass each of the judge's checks (:data:`judge.CHECKS`)."""
+    results = [judge.judge(pair["prompt"], Image.open(pair[f"{label}_image"])) for pair in report["pairs"]]
+    return {check: float(np.mean([result[check] == 1.0 for result in results])) for check in judge.CHECKS}
+
+
 def grid_pairs(num_prompts: int, num_seeds: int, rows: int) -> list[int]:
     """Indices (prompt-major) of the grid's pairs: row ``k`` shows prompt ``k`` with the ``k``-th seed, cycling.
 
@@ -183,13 +190,14 @@ def _grid(reports: dict[str, dict[str, Any]], rows: list[int], path: Path, scale
 def summary(reports: dict[str, dict[str, Any]], training: dict[str, dict[str, float]]) -> dict[str, Any]:
     """The demo's figures: win rates by scorer and judge, judge-correct shares, colour shift, training curves."""
     first = next(iter(reports.values()))
-    table = {"sft": {"judge_correct": correct_share(first, "sft")}}
+    table = {"sft": {"judge_correct": correct_share(first, "sft"), "judge_checks": check_shares(first, "sft")}}
     for label, report in reports.items():
         shift = report["colour_shift"][label]
         table[label] = {
             "scorer_win_rate": report["metrics"][SCORER]["win_rate"],
             "judge_win_rate": report["metrics"][JUDGE]["win_rate"],
             "judge_correct": correct_share(report, label),
+            "judge_checks": check_shares(report, label),
             "colour_shift_percent": {channel: shift[f"{channel}_change_percent"]
                                      for channel in ("hue", "saturation", "value")},
         }
@@ -207,7 +215,8 @@ def _curve(values: dict[str, float], tag: str, spec: str) -> str:
 
 
 def write_report(figures: dict[str, Any], grid: Path, labels: dict[str, str], path: Path) -> Path:
-    """``report.html``: the grid, the win-rate table, the colour shift and the training figures."""
+    """``report.html``: the grid, the win-rate table, the colour shift, the judge's checks and the training
+    figures."""
     rows = []
     for label, row in figures["models"].items():
         if label == "sft":
@@ -219,6 +228,10 @@ def write_report(figures: dict[str, Any], grid: Path, labels: dict[str, str], pa
         rows.append(f"<tr><td>{html.escape(labels[label])}</td><td>{_interval(row['scorer_win_rate'])}</td>"
                     f"<td>{_interval(row['judge_win_rate'])}</td><td>{row['judge_correct']:.3f}</td>"
                     f"<td>{shift}</td></tr>")
+    checks = "".join(
+        f"<tr><td>{html.escape(labels.get(label, 'SFT (baseline)'))}</td>"
+        + "".join(f"<td>{row['judge_checks'][check]:.1%}</td>" for check in judge.CHECKS) + "</tr>"
+        for label, row in figures["models"].items())
     training = "".join(
         f"<tr><td>{html.escape(run)}</td>{_curve(values, 'loss/dpo', '.4f')}"
         f"{_curve(values, 'dpo/implicit_accuracy', '.3f')}{_curve(values, 'loss/stat_share', '.4%')}</tr>"
@@ -234,6 +247,11 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}img{{image-rendering:pixelated}}</
 <h2>Win rates over SFT ({figures['num_pairs']} prompt-seed pairs, ties count half; 95% interval with prompts and seeds as crossed random factors)</h2>
 <table><tr><th>model</th><th>by the scorer (trained on)</th><th>by the judge (held out)</th>
 <th>judge: share fully correct</th><th>colour shift vs SFT (mean HSV)</th></tr>{''.join(rows)}</table>
+<h2>The judge's checks: share of the images that pass each</h2>
+<table><tr><th>model</th>{''.join(f"<th>{check}</th>" for check in judge.CHECKS)}</tr>{checks}</table>
+<p>pose: the prompt's pose fits the figure best; limbs: all four drawn; no_extra: nothing drawn outside the
+figure; connected: one piece; colour: the prompt's shirt colour; shape: the figure's outline matches. An image
+with the wrong background fails most checks.</p>
 <h2>Training (first tenth &rarr; last tenth of the steps)</h2>
 <table><tr><th>run</th><th>DPO loss</th><th>implicit accuracy</th><th>statistic term's share of the loss</th></tr>
 {training}</table>
