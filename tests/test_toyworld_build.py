@@ -71,7 +71,7 @@ def test_build_refuses_a_finished_world_and_a_base_of_other_settings(built, tmp_
     ("--offset-steps", "-5", "--offset-steps -5: out of range; give an integer >= 1"),
     ("--malformed-share", "1.5", "--malformed-share 1.5: out of range"),
     ("--ema-decay", "1", "--ema-decay 1.0: out of range"),
-    ("--learning-rate", "nan", "--learning-rate"),
+    ("--learning-rate", "nan", "--learning-rate nan: give a finite number"),
 ])
 def test_bad_settings_stop_before_anything_is_written(tmp_path, capsys, flag, value, says):
     out = tmp_path / "world"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
 from hgdpo.options import add_options, options_of
 from hgdpo.toyworld.build import BuildSettings, build_world
 
