@@ -81,6 +81,15 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path, capsys, flag, va
     assert not out.exists()
 
 
+def test_an_output_that_is_a_file_stops_before_anything_is_rendered(tmp_path, capsys):
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    with pytest.raises(SystemExit) as stopped:
+        main(["build", str(user_file)])
+    assert stopped.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    assert user_file.read_text() == "mine" and sorted(tmp_path.iterdir()) == [user_file]
+
+
 def test_offset_noise_adds_one_constant_per_image_and_channel():
     generator = torch.Generator().manual_seed(0)
     plain = training_noise(torch.Size((256, 4, 16, 16)), 0.0, generator)

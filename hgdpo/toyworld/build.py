@@ -275,6 +275,9 @@ def build_world(output_dir: str | Path, settings: BuildSettings | None = None) -
     settings = settings or BuildSettings()
     settings.validate()
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} is a file, not a folder: choose a new output folder (nothing is "
+                              "overwritten).")
     if (output_dir / "sft").exists():
         raise FileExistsError(f"{output_dir / 'sft'} exists: choose a new output folder (nothing is overwritten).")
     base_dir = output_dir / "base"
