@@ -8,7 +8,6 @@ judge's figure, which no stage optimised, is reported in the assertion messages 
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from hgdpo.toyworld.scorer import SHIPPED
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "sft" / "unet").is_dir(), reason="the built toy world is not shipped")
 
-SHORT = replace(DemoSettings(), compare_dpo_only=False, lora_weights=(1.0,), grid_prompts=4)
+SHORT = DemoSettings(num_train_prompts=64, num_eval_prompts=20, eval_seeds=tuple(range(8)), pool_size=6,
+                     train_steps=100, learning_rate=5e-4, compare_dpo_only=False, lora_weights=(1.0,), grid_prompts=4)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hgdpo.toyworld import world
+from hgdpo.toyworld.demo import FRAMES, framed
 from hgdpo.toyworld.judge import AnatomyJudge, count_parts, judge
 from hgdpo.toyworld.scorer import SHIPPED, WorldScorer
 
@@ -75,6 +76,16 @@ def test_judge_reads_the_prompt():
     other = world.Scene("person", "purple", "both_arms_up", "indoor")
     result = judge(other.prompt, image)
     assert result["colour"] == 0.0 and result["pose"] == 0.0
+
+
+def test_grid_frames_each_image_in_the_judges_verdict():
+    scene = world.Scene("woman", "green", "one_arm_up", "beach")
+    good, bad = world.render(scene, 3), world.malform(scene, "missing_limb", 3)
+    for image, colour in ((good, FRAMES[True]), (bad, FRAMES[False])):
+        cell = np.asarray(framed(image, scene.prompt, scale=3))
+        assert cell.shape == (world.SIZE * 3 + 6, world.SIZE * 3 + 6, 3)
+        assert all(tuple(cell[y, x]) == colour for y, x in ((0, 0), (1, 50), (-1, -1), (50, -3)))
+        assert np.array_equal(cell[3:-3, 3:-3][::3, ::3], np.asarray(image))  # the image itself, enlarged
 
 
 def test_count_parts():
