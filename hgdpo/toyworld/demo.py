@@ -98,7 +98,8 @@ def train_lora(settings: DemoSettings, dataset: Path, output_dir: Path, loss: st
         model=settings.model, dataset=str(dataset), output_dir=str(output_dir), resolution=str(world.SIZE),
         loss=loss, beta=settings.beta, lambda_stat=settings.lambda_stat, max_steps=settings.train_steps,
         batch_size=16, effective_batch_size=16, learning_rate=settings.learning_rate, optimizer="adamw",
-        seed=settings.seed, checkpointing_steps=settings.train_steps, validation_steps=0, cache_dir=str(output_dir.parent / "cache"),
+        seed=settings.seed, checkpointing_steps=settings.train_steps, validation_steps=0,
+        cache_dir=str(output_dir.parent / "cache"),
     )
     return train(config)
 
@@ -183,7 +184,8 @@ FRAMES = {True: (40, 170, 60), False: (215, 40, 40)}  # the judge's verdict: ful
 def framed(image: Image.Image, prompt: str, scale: int) -> Image.Image:
     """``image`` enlarged ``scale`` times inside a frame in the judge's colour (:data:`FRAMES`)."""
     size, border = world.SIZE * scale, scale
-    cell = Image.new("RGB", (size + 2 * border, size + 2 * border), FRAMES[judge.judge(prompt, image)["correct"] == 1])
+    verdict = judge.judge(prompt, image)["correct"] == 1
+    cell = Image.new("RGB", (size + 2 * border, size + 2 * border), FRAMES[verdict])
     cell.paste(image.convert("RGB").resize((size, size), Image.Resampling.NEAREST), (border, border))
     return cell
 
