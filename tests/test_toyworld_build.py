@@ -1,4 +1,4 @@
-"""``python -m hgdpo.toyworld build``: both phases at a tiny size, resuming after the base phase, refusals."""
+"""``python -m hgdpo.toyworld build``: the three phases at a tiny size, resuming after a finished phase, refusals."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from hgdpo.toyworld.__main__ import main
-from hgdpo.toyworld.build import BASE_RECORD, BuildSettings, build_world, training_noise
+from hgdpo.models.loading import load_sd15
+from hgdpo.toyworld.build import RECORD, BuildSettings, build_world, training_noise
 
 TINY = BuildSettings(num_images=64, vae_steps=2, unet_steps=2, batch_size=4, offset_steps=2, offset_images=32,
-                     scorer_steps=2)
+                     v_steps=2, v_images=32, scorer_steps=2)
 UNET = "sft/unet/diffusion_pytorch_model.safetensors"
 
 
@@ -27,30 +28,39 @@ def built(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("world") / "out", TINY)
 
 
-def test_build_writes_both_phases_and_the_record(built):
+def test_build_writes_the_three_phases_and_the_record(built):
     record = json.loads((built / "world.json").read_text())
     assert record["settings"]["offset_noise"] == TINY.offset_noise == 0.25
-    assert record["base_seconds"] > 0 and record["offset_and_scorer_seconds"] > 0
+    assert set(record["seconds"]) == {"base", "offset", "v_prediction", "scorer"}
+    assert all(seconds > 0 for seconds in record["seconds"].values())
     assert (built / "scorer.safetensors").is_file() and (built / "sft" / "model_index.json").is_file()
-    # phase 2 saves a model loaded from base/: its configs must not record that local folder
+    # phases 2 and 3 save a model loaded from a folder: its configs must not record that local folder
     assert "_name_or_path" not in (built / "sft" / "unet" / "config.json").read_text()
-    base, sft = _unet(built, "base/unet/diffusion_pytorch_model.safetensors"), _unet(built)
-    assert base.keys() == sft.keys()
-    assert any(not torch.equal(base[key], sft[key]) for key in base), "the offset-noise phase changed nothing"
+    weights = {folder: _unet(built, f"{folder}/unet/diffusion_pytorch_model.safetensors")
+               for folder in ("base", "offset", "sft")}
+    for before, after in (("base", "offset"), ("offset", "sft")):
+        assert weights[before].keys() == weights[after].keys()
+        assert any(not torch.equal(weights[before][key], weights[after][key]) for key in weights[before]), after
+    # every command loads the SFT model as v-prediction on a zero-terminal-SNR schedule
+    scheduler = load_sd15(built / "sft").noise_scheduler
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.alphas_cumprod[-1] == 0
+    assert load_sd15(built / "offset").noise_scheduler.config.prediction_type == "epsilon"
 
 
-def test_build_resumes_after_the_base_phase_with_the_same_result(built, tmp_path):
+@pytest.mark.parametrize("finished", [("base",), ("base", "offset"), ("offset",)])
+def test_build_resumes_after_a_finished_phase_with_the_same_result(built, tmp_path, finished):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(built / "base", resumed / "base")
+    for folder in finished:
+        shutil.copytree(built / folder, resumed / folder)
     build_world(resumed, TINY)
     first, second = _unet(built), _unet(resumed)
     assert all(torch.equal(first[key], second[key]) for key in first)
-    assert json.loads((resumed / "world.json").read_text())["base_seconds"] == json.loads(
-        (built / "base" / BASE_RECORD).read_text())["seconds"]
+    seconds = json.loads((resumed / "world.json").read_text())["seconds"]
+    assert all(seconds[folder] == json.loads((built / folder / RECORD).read_text())["seconds"] for folder in finished)
 
 
-def test_build_refuses_a_finished_world_and_a_base_of_other_settings(built, tmp_path, capsys):
+def test_build_refuses_a_finished_world_and_a_phase_of_other_settings(built, tmp_path, capsys):
     before = _unet(built)
     with pytest.raises(FileExistsError, match="choose a new output folder"):
         build_world(built, TINY)
@@ -58,13 +68,16 @@ def test_build_refuses_a_finished_world_and_a_base_of_other_settings(built, tmp_
     other = tmp_path / "other"
     other.mkdir()
     shutil.copytree(built / "base", other / "base")
-    with pytest.raises(ValueError, match="other settings"):
+    shutil.copytree(built / "offset", other / "offset")
+    with pytest.raises(ValueError, match="offset_steps 2 there, 3 asked"):
+        build_world(other, replace(TINY, offset_steps=3))
+    with pytest.raises(ValueError, match="unet_steps 2 there, 3 asked"):
         build_world(other, replace(TINY, unet_steps=3))
     assert not (other / "sft").exists()
-    (other / "base" / BASE_RECORD).unlink()
+    (other / "base" / RECORD).unlink()
     with pytest.raises(SystemExit) as stopped:
         main(["build", str(other)])
-    assert stopped.value.code == 2 and "not a base phase this build wrote" in capsys.readouterr().err
+    assert stopped.value.code == 2 and "not a phase this build wrote" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, value, says", [

@@ -1,21 +1,25 @@
 """Build the toy world's models from scratch: the SFT model (an SD1.5-structured pipeline) and the scorer.
 
 ``python -m hgdpo.toyworld build OUT`` renders a training set of the world (most figures correct, some
-malformed, so the model learns the world's typical failures too) and trains in two phases:
+malformed, so the model learns the world's typical failures too) and trains in three phases, each written
+to its own folder so that an interrupted build resumes after the last finished one:
 
 1. **Base** (``OUT/base/``): a tiny AutoencoderKL, then a tiny UNet2DConditionModel with a tiny CLIP text
-   encoder (the real CLIP tokenizer) on its latents, with plain noise.
-2. **Offset noise** (``OUT/sft/``): the base UNet and text encoder trained on new renders with offset noise
-   (a per-channel constant added to the training noise). SD1.5's schedule keeps sqrt(alpha_bar_T) = 0.068
-   of the image at the last step, and the per-channel mean of 16x16 noise spreads about as much (1/16), so
-   with plain noise the model reads shirt and background colours off the noise's channel means and not
-   off the prompt. From scratch with offset noise, 2,500 steps did not train this model; after the base
-   phase, 300 steps do.
+   encoder (the real CLIP tokenizer) on its latents, epsilon prediction with plain noise.
+2. **Offset noise** (``OUT/offset/``): the base UNet and text encoder trained on new renders with offset
+   noise (a per-channel constant added to the training noise). SD1.5's schedule keeps sqrt(alpha_bar_T) =
+   0.068 of the image at the last step, and the per-channel mean of 16x16 noise spreads about as much
+   (1/16), so with plain noise the model reads shirt and background colours off the noise's channel means
+   and not off the prompt. From scratch with offset noise, 2,500 steps did not train this model; after the
+   base phase, 300 steps do.
+3. **v-prediction** (``OUT/sft/``): the same model turned into a v-prediction model on a zero-terminal-SNR
+   schedule (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", as NoobAI's
+   v-pred models use). The last step is pure noise, so the background and pose come from the prompt: with
+   offset noise alone the seed still decided the background of 27.5% of the held-out images.
 
 Then it trains the world's scorer (:mod:`hgdpo.toyworld.scorer`). Every step is seeded, so a build is
-deterministic on a given machine and torch version. A build that stops after the base phase resumes there.
-The SFT model is written as a diffusers folder, which ``--model`` of every command loads like any SD1.5
-model.
+deterministic on a given machine and torch version. The SFT model is written as a diffusers folder, which
+``--model`` of every command loads like any SD1.5 model (its scheduler config says v-prediction).
 """
 
 from __future__ import annotations
@@ -38,18 +42,20 @@ from hgdpo.toyworld.scorer import train_scorer
 
 logger = logging.getLogger("hgdpo.toyworld")
 
-BASE_RECORD = "base.json"  # in base/: the base phase's settings and time, written last
+RECORD = "phase.json"  # in each finished phase's folder: the settings it depends on and its time, written last
+V_PREDICTION = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 
 
 @dataclass(frozen=True)
 class Phase:
-    """One phase of denoiser training: its renders, steps, learning rate and offset noise."""
+    """One phase of denoiser training: its renders, steps, learning rate, offset noise and noise schedule."""
 
     seed: int
     num_images: int
     steps: int
     learning_rate: float
     offset_noise: float
+    schedule: tuple[tuple[str, object], ...] = ()  # overrides of SD1.5's DDPM scheduler config
 
 
 @dataclass
@@ -71,6 +77,9 @@ class BuildSettings:
     offset_steps: int = option(300, "Offset phase: UNet and text encoder steps.", at_least=1)
     offset_learning_rate: float = option(3e-4, "Offset phase learning rate.", above=0)
     offset_images: int = option(6000, "Offset phase: new renders.", at_least=1)
+    v_steps: int = option(1200, "v-prediction phase: UNet and text encoder steps.", at_least=1)
+    v_learning_rate: float = option(5e-4, "v-prediction phase learning rate.", above=0)
+    v_images: int = option(6000, "v-prediction phase: new renders.", at_least=1)
     scorer_steps: int = option(1000, "Scorer training steps.", at_least=1)
 
     def validate(self) -> None:
@@ -85,10 +94,17 @@ class BuildSettings:
         """Phase 2: new renders (another seed), offset noise."""
         return Phase(self.seed + 5, self.offset_images, self.offset_steps, self.offset_learning_rate, self.offset_noise)
 
-    def base_record(self) -> dict:
-        """The settings the base phase depends on (a resumed build must match them)."""
-        names = ("seed", "num_images", "malformed_share", "vae_steps", "unet_steps", "batch_size", "learning_rate",
-                 "uncond_share", "ema_decay")
+    def v_phase(self) -> Phase:
+        """Phase 3: new renders (a third seed), v-prediction on a zero-terminal-SNR schedule."""
+        return Phase(self.seed + 11, self.v_images, self.v_steps, self.v_learning_rate, offset_noise=0.0,
+                     schedule=tuple(V_PREDICTION.items()))
+
+    def record(self, folder: str) -> dict:
+        """The settings the phase written to ``folder`` (base or offset) depends on; a resumed build must match."""
+        names = ["seed", "num_images", "malformed_share", "vae_steps", "unet_steps", "batch_size", "learning_rate",
+                 "uncond_share", "ema_decay"]
+        if folder == "offset":
+            names += ["offset_noise", "offset_steps", "offset_learning_rate", "offset_images"]
         return {name: getattr(self, name) for name in names}
 
 
@@ -178,14 +194,27 @@ def training_noise(shape: torch.Size, offset_noise: float, generator: torch.Gene
     return noise
 
 
-def train_denoiser(unet, text_encoder, latents: torch.Tensor, prompts: list[str], phase: Phase,
-                   settings: BuildSettings) -> None:
-    """Noise prediction (SD1.5's DDPM schedule, epsilon target) for UNet and text encoder together, with EMA."""
+def phase_scheduler(phase: Phase):
+    """SD1.5's DDPM training scheduler with ``phase``'s overrides (v-prediction, zero terminal SNR)."""
     from diffusers import DDPMScheduler
 
     from hgdpo.models.loading import SD15_CONFIG_DIR
 
-    scheduler = DDPMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler")
+    return DDPMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler", **dict(phase.schedule))
+
+
+def denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise, or the velocity for a v-prediction scheduler."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    return noise
+
+
+def train_denoiser(unet, text_encoder, latents: torch.Tensor, prompts: list[str], phase: Phase,
+                   settings: BuildSettings) -> None:
+    """Denoising (SD1.5's DDPM schedule with the phase's overrides; epsilon or v target) for UNet and text
+    encoder together, with EMA."""
+    scheduler = phase_scheduler(phase)
     generator = torch.Generator().manual_seed(phase.seed + 2)
     ids, empty = _token_ids(prompts), _token_ids([""])[0]
     parameters = [*unet.parameters(), *text_encoder.parameters()]
@@ -202,7 +231,7 @@ def train_denoiser(unet, text_encoder, latents: torch.Tensor, prompts: list[str]
         noise = training_noise(clean.shape, phase.offset_noise, generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         prediction = unet(scheduler.add_noise(clean, noise, timesteps), timesteps, text_encoder(batch_ids)[0]).sample
-        loss = (prediction - noise).pow(2).mean()
+        loss = (prediction - denoising_target(scheduler, clean, noise, timesteps)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -219,11 +248,17 @@ def train_denoiser(unet, text_encoder, latents: torch.Tensor, prompts: list[str]
     text_encoder.eval()
 
 
-def save_model(models: dict, output_dir: Path) -> None:
-    """The diffusers folder, UNet and VAE in fp16 (half the bytes; diffusers loads them back as fp32)."""
+def save_model(models: dict, output_dir: Path, phase: Phase, record: dict) -> None:
+    """The diffusers folder with ``phase``'s scheduler, UNet and VAE in fp16 (half the bytes; diffusers loads
+    them back as fp32), and last the phase's ``record``, through a temporary folder."""
     for name in ("unet", "vae"):
         models[name].half()
-    save_diffusers_folder(models, world_configs(), output_dir)
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a stopped build's own leftovers
+    save_diffusers_folder(models, world_configs(), partial)
+    phase_scheduler(phase).save_config(partial / "scheduler")
+    (partial / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    partial.rename(output_dir)
 
 
 def train_base(output_dir: Path, settings: BuildSettings) -> None:
@@ -234,44 +269,42 @@ def train_base(output_dir: Path, settings: BuildSettings) -> None:
     train_vae(models["vae"], images, settings)
     latents = encode_latents(models["vae"], images)
     models["vae"].register_to_config(scaling_factor=round(float(1.0 / latents.std()), 5))
+    phase = settings.base_phase()
     train_denoiser(models["unet"], models["text_encoder"], latents * models["vae"].config.scaling_factor, prompts,
-                   settings.base_phase(), settings)
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # a stopped build's own leftovers
-    save_model(models, partial)
-    record = {"settings": settings.base_record(), "seconds": round(time.monotonic() - started, 1)}
-    (partial / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    partial.rename(output_dir)
+                   phase, settings)
+    record = {"settings": settings.record("base"), "seconds": round(time.monotonic() - started, 1)}
+    save_model(models, output_dir, phase, record)
 
 
-def check_base(base_dir: Path, settings: BuildSettings) -> dict:
-    """The record of a base phase to resume from; refuses one trained with other settings."""
-    if not (base_dir / BASE_RECORD).is_file():
-        raise ValueError(f"{base_dir} is not a base phase this build wrote (no {BASE_RECORD}): build into a new folder.")
-    record = json.loads((base_dir / BASE_RECORD).read_text())
-    wanted = settings.base_record()
+def check_record(phase_dir: Path, settings: BuildSettings) -> dict:
+    """The record of a finished phase to resume from; refuses one trained with other settings."""
+    if not (phase_dir / RECORD).is_file():
+        raise ValueError(f"{phase_dir} is not a phase this build wrote (no {RECORD}): build into a new folder.")
+    record = json.loads((phase_dir / RECORD).read_text())
+    wanted = settings.record(phase_dir.name)
     if record["settings"] != wanted:
         differences = "; ".join(f"{name} {record['settings'].get(name)} there, {value} asked"
                                 for name, value in wanted.items() if record["settings"].get(name) != value)
-        raise ValueError(f"{base_dir} was trained with other settings ({differences}): build into a new folder, "
+        raise ValueError(f"{phase_dir} was trained with other settings ({differences}): build into a new folder, "
                          "or pass the same settings to resume.")
     return record
 
 
-def train_offset_phase(base_dir: Path, output_dir: Path, settings: BuildSettings) -> None:
-    """Phase 2: the base UNet and text encoder, trained on new renders with offset noise."""
-    phase = settings.offset_phase()
-    models = load_sd15(base_dir)
+def train_phase(source_dir: Path, output_dir: Path, phase: Phase, settings: BuildSettings, record: dict) -> None:
+    """Phase 2 or 3: the UNet and text encoder of ``source_dir``, trained on new renders of ``phase``."""
+    started = time.monotonic()
+    models = load_sd15(source_dir)
     images, prompts = render_training_set(phase.seed, phase.num_images, settings.malformed_share)
     latents = encode_latents(models.vae, images) * models.vae.config.scaling_factor
     unet, text_encoder = models.unet.requires_grad_(True), models.text_encoder.requires_grad_(True)
     train_denoiser(unet, text_encoder, latents, prompts, phase, settings)
-    save_model({"unet": unet, "vae": models.vae, "text_encoder": text_encoder}, output_dir)
+    record = {**record, "seconds": round(time.monotonic() - started, 1)}
+    save_model({"unet": unet, "vae": models.vae, "text_encoder": text_encoder}, output_dir, phase, record)
 
 
 def build_world(output_dir: str | Path, settings: BuildSettings | None = None) -> Path:
-    """Train the SFT model and the scorer into ``output_dir`` (``base/``, ``sft/``, ``scorer.safetensors``,
-    ``world.json``), resuming after the base phase if ``base/`` is there."""
+    """Train the SFT model and the scorer into ``output_dir`` (``base/``, ``offset/``, ``sft/``,
+    ``scorer.safetensors``, ``world.json``), resuming after the last phase whose folder is there."""
     settings = settings or BuildSettings()
     settings.validate()
     output_dir = Path(output_dir)
@@ -280,21 +313,26 @@ def build_world(output_dir: str | Path, settings: BuildSettings | None = None) -
                               "overwritten).")
     if (output_dir / "sft").exists():
         raise FileExistsError(f"{output_dir / 'sft'} exists: choose a new output folder (nothing is overwritten).")
-    base_dir = output_dir / "base"
-    if base_dir.exists():
-        check_base(base_dir, settings)
-        logger.info("resuming from the base phase in %s", base_dir)
+    base_dir, offset_dir = output_dir / "base", output_dir / "offset"
+    for phase_dir in (base_dir, offset_dir):
+        if phase_dir.exists():
+            check_record(phase_dir, settings)
+            logger.info("resuming after the phase in %s", phase_dir)
     torch.manual_seed(settings.seed)
     # Adam's moments of the never-used token embeddings decay into denormal floats, which slow a CPU 20x
     torch.set_flush_denormal(True)
-    if not base_dir.exists():
-        train_base(base_dir, settings)
+    if not offset_dir.exists():
+        if not base_dir.exists():
+            train_base(base_dir, settings)
+        train_phase(base_dir, offset_dir, settings.offset_phase(), settings, {"settings": settings.record("offset")})
+    train_phase(offset_dir, output_dir / "sft", settings.v_phase(), settings, {"settings": asdict(settings)})
     started = time.monotonic()
-    train_offset_phase(base_dir, output_dir / "sft", settings)
     train_scorer(output_dir / "scorer.safetensors", seed=settings.seed, steps=settings.scorer_steps)
-    record = {"settings": asdict(settings), "base_seconds": check_base(base_dir, settings)["seconds"],
-              "offset_and_scorer_seconds": round(time.monotonic() - started, 1), "torch": torch.__version__}
+    seconds = {phase: json.loads((output_dir / folder / RECORD).read_text())["seconds"]
+               for phase, folder in (("base", "base"), ("offset", "offset"), ("v_prediction", "sft"))
+               if (output_dir / folder).exists()}
+    seconds["scorer"] = round(time.monotonic() - started, 1)
+    record = {"settings": asdict(settings), "seconds": seconds, "torch": torch.__version__}
     (output_dir / "world.json").write_text(json.dumps(record, indent=2) + "\n")
-    logger.info("toy world built in %s: base phase %.0f s, offset phase and scorer %.0f s", output_dir,
-                record["base_seconds"], record["offset_and_scorer_seconds"])
+    logger.info("toy world built in %s: %s", output_dir, ", ".join(f"{name} {value} s" for name, value in seconds.items()))
     return output_dir

@@ -49,11 +49,15 @@ class DemoSettings:
     eval_seeds: tuple[int, ...] = tuple(range(8))
     pool_size: int = 6
     steps: int = 10  # DPM-Solver++ steps, for pools and evaluation
-    guidance_scale: float = 3.0
-    train_steps: int = 100
+    # without guidance the SFT model draws its failures about as often as it learned them (31% of the figures
+    # fail the judge); at guidance 3 it draws 87% right and leaves little to fix
+    guidance_scale: float = 1.0
+    train_steps: int = 200
     learning_rate: float = 5e-4
-    beta: float = 2500.0  # the paper's value
-    lambda_stat: float = 10000.0  # the paper's value
+    # the paper's beta 2500 fits 64 pairs with a change too small to alter the images; at 250 the LoRA fixes
+    # anatomy but shifts the shirt colours unless the statistic term weighs 100x the paper's 10000 (README)
+    beta: float = 250.0
+    lambda_stat: float = 1e6
     lan_strength: float = 1.0
     compare_dpo_only: bool = True  # also train without the statistic term, for the colour shift
     grid_prompts: int = 8
