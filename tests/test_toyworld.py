@@ -34,12 +34,12 @@ def figures(tmp_path_factory):
 
 
 def test_hgdpo_lora_beats_sft_by_the_scorer(figures):
-    row = figures["models"]["lora_1"]
+    row = figures["models"]["lora_0_5"]  # the paper's LoRA weight
     scorer, judge = row["scorer_win_rate"], row["judge_win_rate"]
     print(f"scorer win rate {scorer}, judge win rate {judge}, judge-correct {figures['models']['sft']['judge_correct']}"
           f" -> {row['judge_correct']}")
-    # the judge's figure is reported, not asserted: on these 160 pairs it was 0.52 [0.48, 0.56] at LoRA 1 on one
-    # machine and 0.53 [0.50, 0.57] on another (README); its interval does not clear 0.5
+    # the judge's figure is reported, not asserted: at LoRA 0.5 on these 160 pairs it was 0.55 [0.48, 0.62] on the
+    # shipped world and 0.58 [0.54, 0.62] on another build of its last phase (README); it does not always clear 0.5
     assert scorer["low"] > 0.5, f"scorer win rate {scorer} (judge {judge})"
 
 
@@ -47,11 +47,11 @@ def test_training_fits_its_pairs_and_the_report_shows_every_model(figures):
     assert figures["training"]["hgdpo"]["dpo/implicit_accuracy last"] > 0.5
     report = Path(figures["report"])
     page = report.read_text(encoding="utf-8")
-    for label in ("HG-DPO LoRA @ 1", "HG-DPO LoRA @ 1 + LAN 1", "SFT (baseline)"):
+    for label in ("HG-DPO LoRA @ 0.5", "HG-DPO LoRA @ 1 + LAN 1", "SFT (baseline)"):
         assert f"<td>{label}</td>" in page
-    sft_checks, lora_checks = figures["models"]["sft"]["judge_checks"], figures["models"]["lora_1"]["judge_checks"]
+    sft_checks, lora_checks = figures["models"]["sft"]["judge_checks"], figures["models"]["lora_0_5"]["judge_checks"]
     assert list(sft_checks) == list(CHECKS) and all(0.0 <= share <= 1.0 for share in lora_checks.values())
-    assert figures["models"]["lora_1"]["judge_correct"] <= min(lora_checks.values())  # correct = every check passed
+    assert figures["models"]["lora_0_5"]["judge_correct"] <= min(lora_checks.values())  # correct = every check passed
     assert "The judge's checks" in page and f"<td>{lora_checks['pose']:.1%}</td>" in page
     grid = re.search(r'<img src="([^"]+)"', page).group(1)
     assert (report.parent / grid).is_file()
