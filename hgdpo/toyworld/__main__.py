@@ -1,5 +1,6 @@
 """``python -m hgdpo.toyworld build OUT``: rebuild the toy world's SFT model and scorer from scratch
-(two phases: a base phase with plain noise, then offset-noise training; resumable after the base phase)."""
+(three phases: plain noise, offset noise, then v-prediction on a zero-terminal-SNR schedule; resumable after
+each)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="Train the SFT model and the scorer into OUT.")
     build.add_argument("output_dir", metavar="OUT",
-                       help="Folder for base/, sft/, scorer.safetensors and world.json: a new one, or one whose "
-                       "base/ an interrupted build finished (the build resumes after the base phase).")
+                       help="Folder for base/, offset/, sft/, scorer.safetensors and world.json: a new one, or one "
+                       "where an interrupted build finished base/ or offset/ (the build resumes after it).")
     add_options(build, BuildSettings)
     args = parser.parse_args(argv)
     settings = BuildSettings(**{spec.name: getattr(args, spec.name) for spec in options_of(BuildSettings)
