@@ -39,6 +39,7 @@ from hgdpo.models.tiny import build_models, save_diffusers_folder, sd15_configs
 from hgdpo.options import SEED_LIMITS, check_fields, option
 from hgdpo.toyworld import world
 from hgdpo.toyworld.scorer import train_scorer
+from hgdpo.training.losses import denoising_target
 
 logger = logging.getLogger("hgdpo.toyworld")
 
@@ -203,13 +204,6 @@ def phase_scheduler(phase: Phase):
     return DDPMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler", **dict(phase.schedule))
 
 
-def denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict: the noise, or the velocity for a v-prediction scheduler."""
-    if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(clean, noise, timesteps)
-    return noise
-
-
 def train_denoiser(unet, text_encoder, latents: torch.Tensor, prompts: list[str], phase: Phase,
                    settings: BuildSettings) -> None:
     """Denoising (SD1.5's DDPM schedule with the phase's overrides; epsilon or v target) for UNet and text
@@ -334,5 +328,6 @@ def build_world(output_dir: str | Path, settings: BuildSettings | None = None) -
     seconds["scorer"] = round(time.monotonic() - started, 1)
     record = {"settings": asdict(settings), "seconds": seconds, "torch": torch.__version__}
     (output_dir / "world.json").write_text(json.dumps(record, indent=2) + "\n")
-    logger.info("toy world built in %s: %s", output_dir, ", ".join(f"{name} {value} s" for name, value in seconds.items()))
+    logger.info("toy world built in %s: %s", output_dir,
+                ", ".join(f"{name} {value} s" for name, value in seconds.items()))
     return output_dir

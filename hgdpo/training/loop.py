@@ -43,7 +43,7 @@ from hgdpo.training.allocator import keep_freed_memory
 from hgdpo.training.checkpoint import CheckpointManager, TrainingState, restore_rng_states, rng_states
 from hgdpo.training.config import DTYPES, TrainConfig, save_config
 from hgdpo.training.latent_cache import EncodedPairs, build_cache, cache_key, finalize_cache
-from hgdpo.training.losses import DPOTerms, hgdpo_loss, sft_loss
+from hgdpo.training.losses import DPOTerms, denoising_target, hgdpo_loss, sft_loss
 from hgdpo.training.validation import validation_images
 
 logger = logging.getLogger("hgdpo.train")
@@ -183,9 +183,7 @@ class ForwardProcess:
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the UNet regresses: the noise, or the velocity for v-prediction models."""
-        if self.scheduler.config.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(latents, noise, timesteps)
-        return noise
+        return denoising_target(self.scheduler, latents, noise, timesteps)
 
 
 @dataclass

@@ -23,6 +23,13 @@ DEFAULT_BETA = 2500.0
 DEFAULT_LAMBDA_STAT = 10000.0
 
 
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet regresses in every loss here: the noise, or the velocity for a v-prediction scheduler."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per sample, averaged over (C, H, W), computed in fp32."""
     error = F.mse_loss(prediction.float(), target.float(), reduction="none")
