@@ -1,8 +1,9 @@
 """HG-DPO learns in the toy world: the whole pipeline (pools, AI feedback, DPO + statistic matching, LoRA,
-evaluation) makes the shipped toy SFT model draw figures that the world's scorer prefers, on held-out prompts.
+evaluation) makes the shipped toy SFT model draw figures that the world's scorer prefers and its held-out judge finds
+better, on held-out prompts.
 
 This runs the README demo's stages without its DPO-only LoRA and the LoRA at weight 1 without LAN (a few CPU
-minutes). The judge's figure, which no stage optimised, is reported in the assertion messages and printed.
+minutes), and asserts that the scorer and the held-out judge, which no stage optimised, both prefer the LoRA.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hgdpo.toyworld.scorer import SHIPPED
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "sft" / "unet").is_dir(), reason="the built toy world is not shipped")
 
-SHORT = replace(DemoSettings(), compare_dpo_only=False, lora_weights=(0.5,), grid_prompts=4)
+SHORT = replace(DemoSettings(), compare_dpo_only=False, lora_weights=(0.5,))
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +34,16 @@ def figures(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
-def test_hgdpo_lora_beats_sft_by_the_scorer(figures):
+def test_hgdpo_lora_beats_sft_by_the_scorer_and_by_the_held_out_judge(figures):
     row = figures["models"]["lora_0_5"]  # the paper's LoRA weight
     scorer, judge = row["scorer_win_rate"], row["judge_win_rate"]
     print(f"scorer win rate {scorer}, judge win rate {judge}, judge-correct {figures['models']['sft']['judge_correct']}"
           f" -> {row['judge_correct']}")
-    # the judge's figure is reported, not asserted: at LoRA 0.5 on these 160 pairs it was 0.55 [0.48, 0.62] on the
-    # shipped world and 0.58 [0.54, 0.62] on another build of its last phase (README); it does not always clear 0.5
     assert scorer["low"] > 0.5, f"scorer win rate {scorer} (judge {judge})"
+    # the judge was used by no stage: its interval above 0.5 is the evidence that the figures got better, not only
+    # the scores (0.559 [0.531, 0.588] in the recorded demo run, README)
+    assert judge["low"] > 0.5, f"judge win rate {judge} (scorer {scorer})"
+    assert row["judge_correct"] > figures["models"]["sft"]["judge_correct"]
 
 
 def test_training_fits_its_pairs_and_the_report_shows_every_model(figures):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hgdpo.toyworld import world
-from hgdpo.toyworld.demo import FRAMES, framed
+from hgdpo.toyworld.demo import FRAMES, TITLE_HEIGHT, framed, grid_pairs, panel
 from hgdpo.toyworld.judge import AnatomyJudge, count_parts, judge
 from hgdpo.toyworld.scorer import SHIPPED, WorldScorer
 
@@ -82,10 +82,30 @@ def test_grid_frames_each_image_in_the_judges_verdict():
     scene = world.Scene("woman", "green", "one_arm_up", "beach")
     good, bad = world.render(scene, 3), world.malform(scene, "missing_limb", 3)
     for image, colour in ((good, FRAMES[True]), (bad, FRAMES[False])):
-        cell = np.asarray(framed(image, scene.prompt, scale=3))
+        cell, verdict = framed(image, scene.prompt, scale=3)
+        assert verdict == (colour == FRAMES[True])
+        cell = np.asarray(cell)
         assert cell.shape == (world.SIZE * 3 + 6, world.SIZE * 3 + 6, 3)
         assert all(tuple(cell[y, x]) == colour for y, x in ((0, 0), (1, 50), (-1, -1), (50, -3)))
         assert np.array_equal(cell[3:-3, 3:-3][::3, ::3], np.asarray(image))  # the image itself, enlarged
+
+
+def test_panel_places_each_image_in_rows_under_its_title():
+    scene = world.Scene("man", "blue", "arms_out", "grass")
+    images = [world.render(scene, 0), world.malform(scene, "extra_limb", 1), world.render(scene, 2)]
+    sheet = np.asarray(panel(images, [scene.prompt] * 3, "SFT", columns=2, scale=2))
+    side = world.SIZE * 2 + 4
+    assert sheet.shape == (TITLE_HEIGHT + 2 * side, 2 * side, 3)
+    corners = [tuple(sheet[TITLE_HEIGHT + row * side, column * side]) for row, column in ((0, 0), (0, 1), (1, 0))]
+    assert corners == [FRAMES[True], FRAMES[False], FRAMES[True]]
+    assert (sheet[TITLE_HEIGHT + side:, side:] == 255).all()  # the empty fourth place stays white
+    assert (sheet[:TITLE_HEIGHT] < 128).any()  # the title is drawn
+
+
+def test_grid_pairs_show_every_prompt_before_any_again_with_the_seeds_in_turn():
+    indices = grid_pairs(num_prompts=3, num_seeds=4, count=7)
+    assert [(index // 4, index % 4) for index in indices] == [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 3), (0, 2)]
+    assert len(grid_pairs(num_prompts=2, num_seeds=2, count=10)) == 4
 
 
 def test_count_parts():
