@@ -2,7 +2,7 @@
 """The built-in offline demo: python trainer/demo.py [--output-dir demo_output] [--train-steps N] [--no-dpo-only]
 [--threads N].
 
-HG-DPO in the toy world of human figures (hgdpo/toyworld), on the CPU in 3-11 minutes on 2 cores: the
+HG-DPO in the toy world of human figures (hgdpo/toyworld), on the CPU in about 5 minutes on 2 cores: the
 shipped toy SFT model draws pools that the world's scorer ranks (the project's dataset builder), the project's trainer
 trains an HG-DPO LoRA (and a DPO-only LoRA for the colour shift), and the evaluation compares SFT with
 SFT + LoRA at 0.5, at 1 and with LAN, by the scorer and by a held-out judge. It writes report.html.
